@@ -185,6 +185,25 @@ def test_evaluate_rm_gold_metrics_on_tldr_synth(smoke_cfg, synth_data_dir):
     assert m["eval/gold_agreement"] == pytest.approx(sum(decided) / len(decided))
     if m["eval/near_tie_pairs"]:
         assert m["eval/prefers_longer_near_tie"] == 1.0
+    # Expected accuracy: the labelers' probability of agreeing with the RM's pick, by hand.
+    from rlhflab.data.tldr_synth import labeler_prob
+
+    tau, beta = cfg.data.synth.labeler_tau, cfg.data.synth.labeler_len_beta
+    pc = [labeler_prob(a, b, len(p.chosen.split()), len(p.rejected.split()), tau, beta) for a, b, p in zip(gc, gr, pairs)]
+    want = sum(q if d > 0 else 1 - q for q, d in zip(pc, lc)) / len(pc)
+    bayes_here = sum(max(q, 1 - q) for q in pc) / len(pc)
+    assert m["eval/expected_accuracy"] == pytest.approx(want)
+    assert m["data/bayes_accuracy_eval_pairs"] == pytest.approx(bayes_here)
+    assert m["eval/expected_normalized_accuracy"] == pytest.approx((want - 0.5) / (bayes_here - 0.5))
+    # A perfect labeler-logit RM reaches the Bayes accuracy exactly: normalised 1.
+    class _LogitRM(_WordCountRM):
+        def score_texts(self, queries, responses, batch_size=64, normalize=False):
+            g = gold_scores([_post_of[q] for q in queries], [r.strip() for r in responses])
+            return torch.tensor([x / tau + beta * len(r.split()) for x, r in zip(g, responses)])
+
+    _post_of = {p.query: p.post for p in pairs}
+    m2, _ = rm.evaluate_rm(_LogitRM(), pairs, cfg)
+    assert m2["eval/expected_normalized_accuracy"] == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------- the stage

@@ -78,6 +78,7 @@ def headline(cfg: RunConfig) -> dict:
         "sft/rougeL": sft.get("eval/rougeL"),
         "rm/accuracy": rm.get("eval/accuracy"),
         "rm/normalized_accuracy": rm.get("eval/normalized_accuracy"),
+        "rm/expected_normalized_accuracy": rm.get("eval/expected_normalized_accuracy"),
         "ppo/kl": ppo.get("objective/kl"),
         "ppo/kl_health": ppo.get("kl/health"),
         "ppo/scores": ppo.get("objective/scores"),

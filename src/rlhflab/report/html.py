@@ -508,6 +508,7 @@ RM_KEYS = [
     ("eval/accuracy", "validation accuracy"),
     ("data/bayes_accuracy", "Bayes accuracy of the noisy labels (ceiling)"),
     ("eval/normalized_accuracy", "normalised accuracy (acc - 0.5) / (Bayes - 0.5)"),
+    ("eval/expected_normalized_accuracy", "the same without label-sampling noise (expected accuracy vs the labelers' probabilities)"),
     ("eval/gold_agreement", "agreement with the gold judge"),
     ("eval/margin", "mean margin r(chosen) - r(rejected)"),
     ("eval/length_coef", "learned length bias (score per word of length difference)"),
