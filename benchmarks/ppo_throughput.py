@@ -51,7 +51,7 @@ def build(arch: str, layers: int, width: int, vocab: int):
 
     from rlhflab.models.policy import disable_dropout
     from rlhflab.models.reward import RewardModel
-    from rlhflab.stages.ppo import PPOModels
+    from rlhflab.stages.ppo import PPOModels, prepare_ppo_models
 
     torch.manual_seed(0)
     tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
@@ -70,7 +70,8 @@ def build(arch: str, layers: int, width: int, vocab: int):
         LM, SC = LlamaForCausalLM, LlamaForSequenceClassification
     policy, ref = disable_dropout(LM(cfg)), disable_dropout(LM(cfg)).eval().requires_grad_(False)
     critic, reward = disable_dropout(SC(cfg)), disable_dropout(SC(cfg)).eval().requires_grad_(False)
-    return PPOModels(policy, ref, critic, RewardModel(reward, tok, bias=0.0, max_length=512), tok), cfg
+    # prepare_ppo_models: the same exact speed-ups load_ppo_models applies for `rlhflab ppo` (fused GELU).
+    return prepare_ppo_models(PPOModels(policy, ref, critic, RewardModel(reward, tok, bias=0.0, max_length=512), tok)), cfg
 
 
 def update_flops(cfg, batch: int, prompt: int, resp: int, epochs: int) -> float:

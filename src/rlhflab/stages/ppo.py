@@ -75,7 +75,6 @@ from rlhflab.algos import (
     FixedKLController,
     apply_missing_eos,
     compute_gae,
-    entropy_from_logits,
     kl_shaped_rewards,
     logprobs_from_logits,
     masked_mean,
@@ -85,9 +84,10 @@ from rlhflab.algos import (
     value_loss,
     whiten_advantages,
 )
+from rlhflab.algos.logprobs import logprobs_and_entropy_from_logits
 from rlhflab.config import BatchSizes, PPOConfig, RunConfig, derive_batch, save_config
 from rlhflab.errors import StageError
-from rlhflab.models.policy import load_policy, load_tokenizer, position_ids_from_mask
+from rlhflab.models.policy import fuse_gelu, load_policy, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import RewardModel, build_critic, is_decoder_rm, token_scores
 from rlhflab.monitor import KLMonitor, verdict_code
 from rlhflab.runtime import (
@@ -180,12 +180,15 @@ def response_logits(model: nn.Module, query_responses: Tensor, attention_mask: T
     """Logits [B, R, V] predicting each of the last ``R`` tokens of ``query_responses`` [B, Tq+R].
 
     The logits for response token t come from position ``Tq - 1 + t``; the LM head runs only on
-    those R positions (``logits_to_keep``), not on the query.
+    those R positions, named by a 1-D index tensor (``logits_to_keep``, transformers 5), not on
+    the query. (Keeping the last R+1 positions and slicing off the last one gives the same
+    numbers, but the backward of that slice writes a zero tensor of the whole [B, R+1, V].)
     """
+    T = query_responses.shape[1]
+    keep = torch.arange(T - response_length - 1, T - 1, device=query_responses.device)
     out = model(input_ids=query_responses, attention_mask=attention_mask.long(),
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                logits_to_keep=response_length + 1)
-    return out.logits[:, :-1]
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False, logits_to_keep=keep)
+    return out.logits
 
 
 def response_values(critic: nn.Module, query_responses: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
@@ -414,7 +417,8 @@ def ppo_train(models: PPOModels, optimizer: torch.optim.Optimizer, batch: PPOBat
                 with _autocast(device, p.bf16):
                     logits = response_logits(models.policy, ids, mask, R)
                     new_values = response_values(models.critic, ids, mask, R)
-                new_logprobs = logprobs_from_logits(logits, r.responses[idx, :R], p.temperature)
+                # One log-softmax serves the loss and the logged entropy.
+                new_logprobs, entropy_t = logprobs_and_entropy_from_logits(logits, r.responses[idx, :R], p.temperature)
                 pg_loss, pg_stats = policy_loss(new_logprobs, r.logprobs[idx, :R], batch.advantages[idx, :R],
                                                 response_mask, p.cliprange)
                 vf_loss, vf_stats = value_loss(new_values, r.values[idx, :R], batch.returns[idx, :R],
@@ -427,7 +431,7 @@ def ppo_train(models: PPOModels, optimizer: torch.optim.Optimizer, batch: PPOBat
                     break
                 (loss / accum).backward()
                 with torch.no_grad():
-                    entropy = masked_mean(entropy_from_logits(logits.detach(), p.temperature), response_mask)
+                    entropy = masked_mean(entropy_t, response_mask)
                 for key, v in (("approxkl", pg_stats["approxkl"]), ("clipfrac", pg_stats["clipfrac"]),
                                ("entropy", entropy), ("pg_loss", pg_loss.detach()), ("vf_loss", vf_loss.detach()),
                                ("vf_clipfrac", vf_stats["vf_clipfrac"]), ("ratio", pg_stats["ratio"])):
@@ -541,7 +545,22 @@ def load_ppo_models(cfg: RunConfig, device: torch.device) -> tuple[PPOModels, st
         critic = build_critic(rm_dir)  # Huang: the critic starts as the RM
     else:
         critic = build_critic(sft_dir, reinit_head=True, seed=cfg.ppo.seed)
-    return PPOModels(policy, ref_policy, critic.to(device), reward, tokenizer), critic_kind, note
+    return prepare_ppo_models(PPOModels(policy, ref_policy, critic.to(device), reward, tokenizer)), critic_kind, note
+
+
+def prepare_ppo_models(models: PPOModels) -> PPOModels:
+    """Exact speed-ups applied to the four models before PPO (in place; returns ``models``).
+
+    Python-composed tanh-GELU activations (GPT-2's ``gelu_new``) become the fused
+    ``nn.GELU(approximate="tanh")`` (:func:`~rlhflab.models.policy.fuse_gelu`): the same
+    function up to float rounding, one kernel instead of ~8 per MLP forward and backward.
+    Saved models are unaffected (their config still names the original activation).
+    Attention stays transformers' default (``sdpa``): at the benchmark shape (gpt2 4x256,
+    117 tokens, CPU, 1 thread) its forward+backward was ~3% faster than ``eager``.
+    """
+    for model in (models.policy, models.ref_policy, models.critic, models.reward.model):
+        fuse_gelu(model)
+    return models
 
 
 def load_prompts(cfg: RunConfig, tokenizer) -> list:
