@@ -7,20 +7,23 @@ logprobs, the reference logprobs and the PPO-update logprobs must all come from
 (SFD's ppo.py divides ``logits /= args.temperature + 1e-7`` before ``log_softmax``; we
 divide by ``temperature`` exactly and refuse ``temperature <= 0``).
 
-Memory and speed: with autograd recording (the PPO update), the whole ``[B, T, V]`` is
-put through one ``log_softmax`` and the chosen tokens gathered. Autograd must keep the
-``[B, T, V]`` log-softmax for backward whatever the formulation, so this costs no extra
-memory, and its backward is one dense pass. (An earlier per-row loop over ``logits[b]``
-was much slower: the backward of each ``select`` writes a zero tensor the size of the
-whole ``[B, T, V]`` logits and autograd sums B of them -- on the CPU benchmark, gpt2
-4x256, vocab 8192, [16, 53, 8192] fp32, that ``fill_`` was 8-18% of the whole PPO
-update.) Without autograd (rollout, reference policy, entropies) rows are processed one
-``[T, V]`` at a time via ``unbind`` and reduced at once, so the peak extra memory is one
-row's worth. We use ``log_softmax`` + ``gather`` rather than ``gather - logsumexp``: same
-memory, and on CPU (torch 2.13, [16, 53, 8192] fp32) log_softmax took about half the
-time of logsumexp. Logits in bf16/fp16 are upcast to float32 first: bf16 keeps about 3
-significant digits, too few for logprob differences (ratios, KL) of nearly equal
-policies.
+Memory and speed. With autograd recording (the PPO update) the whole ``[B, T, V]`` goes
+through one autograd function, :class:`_TokenLogprobs`: forward ``log_softmax``, gather of
+the chosen tokens, ``probs = exp(logprobs)`` kept for backward (autograd would keep a
+``[B, T, V]`` for any formulation) and, when asked, the entropy from the same
+log-softmax; backward writes the gradient of ``log_softmax(z)[token]``, which is
+``onehot(token) - probs`` times the incoming gradient, in one dense pass. Plain autograd
+over ``log_softmax`` + ``gather`` computes the same numbers but costs a zero fill for the
+gather's backward, the log-softmax backward (another ``exp``) and the temperature
+division's backward, each a pass over 28 MB at the CPU benchmark shape ([16, 53, 8192]
+fp32). An older per-row loop over ``logits[b]`` was slower still: each ``select``'s
+backward writes a zero tensor of the whole ``[B, T, V]``. Without autograd (rollout,
+reference policy) rows are processed one ``[T, V]`` at a time via ``unbind``, so the
+peak extra memory is one row's worth. ``log_softmax`` + ``gather`` is used rather than
+``gather - logsumexp``: on CPU (torch 2.13, [16, 53, 8192] fp32) log_softmax took about
+half the time of logsumexp. Logits in bf16/fp16 are upcast to float32 first: bf16 keeps
+about 3 significant digits, too few for logprob differences (ratios, KL) of nearly equal
+policies; the gradient goes back in the logits' dtype.
 """
 
 from __future__ import annotations
@@ -66,6 +69,43 @@ def _entropy_from_logp(logp: Tensor) -> Tensor:
     return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
 
 
+class _TokenLogprobs(torch.autograd.Function):
+    """``log_softmax(logits / T)[token]`` [B, T] and (optionally) the entropy [B, T], with a
+    one-pass backward (see the module docstring). The entropy is not differentiated."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, with_entropy: bool):
+        logp = torch.log_softmax(_as_float(logits, temperature), dim=-1)  # [B, T, V], our own tensor
+        logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        probs = logp.exp()  # what log_softmax's backward would recompute; saved instead of logp
+        entropy = None
+        if with_entropy:
+            # -sum_v p_v log p_v as a batched dot product (no [B, T, V] product tensor); the
+            # in-place clamp turns a -inf logprob (banned token, p = 0) into a finite one so it
+            # adds 0, not nan; logp is not used after this.
+            V = logp.shape[-1]
+            logp.clamp_(min=torch.finfo(logp.dtype).min)
+            entropy = -torch.bmm(probs.reshape(-1, 1, V), logp.reshape(-1, V, 1)).reshape(logprobs.shape)
+        ctx.save_for_backward(probs, tokens)
+        ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
+        if entropy is None:
+            return logprobs
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: Tensor, *unused):
+        probs, tokens = ctx.saved_tensors
+        g = grad_logprobs.unsqueeze(-1)  # [B, T, 1]
+        # d log_softmax(z)[k] / dz_v = 1[v = k] - p_v: the same products log_softmax's own
+        # backward forms (g - p*g at the token, -p*g elsewhere), then the 1/T of z = logits / T.
+        grad = probs * (-g)
+        grad.scatter_add_(-1, tokens.unsqueeze(-1), g)
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad.to(ctx.logits_dtype), None, None, None
+
+
 def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """Log-probability of each token under ``softmax(logits / temperature)``.
 
@@ -84,9 +124,7 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
     if logits.size(0) == 0:
         return _empty_result(logits)
     if torch.is_grad_enabled() and logits.requires_grad:
-        # One log_softmax over the whole batch (see the module docstring: no per-row select).
-        logp = torch.log_softmax(_as_float(logits, t), dim=-1)
-        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return _TokenLogprobs.apply(logits, tokens, t, False)
     out = [torch.log_softmax(_as_float(row, t), dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
            for row, tok in zip(logits.unbind(0), tokens.unbind(0))]  # one [T, V] row at a time bounds the memory
     return torch.stack(out)
@@ -112,10 +150,7 @@ def logprobs_and_entropy_from_logits(logits: Tensor, tokens: Tensor, temperature
     if logits.size(0) == 0:
         return _empty_result(logits), _empty_result(logits)
     if torch.is_grad_enabled() and logits.requires_grad:
-        logp = torch.log_softmax(_as_float(logits, t), dim=-1)
-        with torch.no_grad():
-            entropy = _entropy_from_logp(logp)
-        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
+        return _TokenLogprobs.apply(logits, tokens, t, True)
     logprobs, entropy = [], []
     for row, tok in zip(logits.unbind(0), tokens.unbind(0)):
         logp = torch.log_softmax(_as_float(row, t), dim=-1)
