@@ -13,7 +13,9 @@ fp32, CPU. ``sec_per_update`` is the median over the updates after the first (as
 
 "Ours" is :func:`rlhflab.stages.ppo.ppo_update` -- the functions ``rlhflab ppo`` runs each
 update (rollout with the KV-cached sampler, ref/critic/RM forwards, the RM reading decoded
-text through its own tokenizer, GAE, 4 epochs of clipped policy+value loss), not a copy.
+text through its own tokenizer, GAE, 4 epochs of clipped policy+value loss), not a copy; the
+models get the same exact speed-ups ``load_ppo_models`` applies (``prepare_ppo_models``: fused
+tanh-GELU in place of GPT-2's Python-composed ``gelu_new``).
 The peer runs in its own venv (``/work/shared/bench/setup_peer.sh``: trl 0.29.1,
 transformers<5). Both get the same thread count: THREADS (default 1). One thread is the
 default because this machine's 2 cores are shared: with 2 OpenMP threads per process, a
