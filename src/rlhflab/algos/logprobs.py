@@ -60,13 +60,16 @@ def _check_tokens(logits: Tensor, tokens: Tensor) -> Tensor:
     return tokens.long()
 
 
-def _entropy_from_logp(logp: Tensor) -> Tensor:
-    """``-sum_v p_v log p_v`` over the last dim from log-probabilities ``[..., V]``.
+def _entropy_from_logp_(logp: Tensor, probs: Tensor) -> Tensor:
+    """``-sum_v p_v log p_v`` [...] from log-probabilities ``logp`` and ``probs = logp.exp()`` [..., V].
 
-    A -inf logprob (a banned token) has p = 0 and must add 0, not ``0 * -inf = nan``: the
-    clamp to the most negative finite float makes that product an exact 0 and changes no
-    finite logprob."""
-    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+    A batched dot product (no ``[..., V]`` product tensor). A -inf logprob (a banned token)
+    has p = 0 and must add 0, not ``0 * -inf = nan``: ``logp`` is clamped IN PLACE to the
+    most negative finite float, which makes that product an exact 0 and changes no finite
+    logprob -- so callers pass a ``logp`` they own and no longer need."""
+    V = logp.shape[-1]
+    logp.clamp_(min=torch.finfo(logp.dtype).min)
+    return -torch.bmm(probs.reshape(-1, 1, V), logp.reshape(-1, V, 1)).reshape(logp.shape[:-1])
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -78,14 +81,7 @@ class _TokenLogprobs(torch.autograd.Function):
         logp = torch.log_softmax(_as_float(logits, temperature), dim=-1)  # [B, T, V], our own tensor
         logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         probs = logp.exp()  # what log_softmax's backward would recompute; saved instead of logp
-        entropy = None
-        if with_entropy:
-            # -sum_v p_v log p_v as a batched dot product (no [B, T, V] product tensor); the
-            # in-place clamp turns a -inf logprob (banned token, p = 0) into a finite one so it
-            # adds 0, not nan; logp is not used after this.
-            V = logp.shape[-1]
-            logp.clamp_(min=torch.finfo(logp.dtype).min)
-            entropy = -torch.bmm(probs.reshape(-1, 1, V), logp.reshape(-1, V, 1)).reshape(logprobs.shape)
+        entropy = _entropy_from_logp_(logp, probs) if with_entropy else None  # logp not used after this
         ctx.save_for_backward(probs, tokens)
         ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
         if entropy is None:
@@ -155,7 +151,7 @@ def logprobs_and_entropy_from_logits(logits: Tensor, tokens: Tensor, temperature
     for row, tok in zip(logits.unbind(0), tokens.unbind(0)):
         logp = torch.log_softmax(_as_float(row, t), dim=-1)
         logprobs.append(logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1))
-        entropy.append(_entropy_from_logp(logp))
+        entropy.append(_entropy_from_logp_(logp, logp.exp()))  # after the gather: clamps logp
     return torch.stack(logprobs), torch.stack(entropy)
 
 
