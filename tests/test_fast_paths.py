@@ -3,8 +3,9 @@
 * ``logprobs_and_entropy_from_logits`` / ``logprobs_from_logits`` with autograd (one autograd
   function, hand-written backward) vs ``log_softmax(logits / T).gather`` and its autograd
   gradient, and vs ``entropy_from_logits``;
-* ``fuse_gelu`` (GPT-2's Python-composed ``gelu_new`` -> ``nn.GELU(approximate="tanh")``) vs the
-  original activation and the original model's logits;
+* ``fuse_gelu`` (every tanh-GELU -> ``TanhGELU``, which on CPU computes ``x * sigmoid(2u)``
+  for ``0.5 x (1 + tanh(u))``) vs the original activations, a float64 reference, and the
+  original model's logits;
 * ``response_logits`` (LM head on exactly the R response positions) vs slicing a full forward.
 """
 
@@ -137,52 +138,84 @@ def _tiny_gpt2(activation="gelu_new", seed=0):
     return GPT2LMHeadModel(cfg).eval()
 
 
-def test_fused_gelu_equals_gelu_new_and_fast_gelu():
+def _gelu_tanh_float64(x):
+    x = x.double()
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tanh_gelu_equals_gelu_new_fast_gelu_and_the_fused_kernel(dtype):
     from transformers.activations import FastGELUActivation, NewGELUActivation
 
+    from rlhflab.models.policy import TanhGELU
+
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(4096, generator=g) * 4).requires_grad_(True)
-    fused = nn.GELU(approximate="tanh")
-    for original in (NewGELUActivation(), FastGELUActivation()):
+    x = (torch.randn(8192, generator=g, dtype=torch.float64) * 4).to(dtype)
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, 1e4, -1e4], dtype=dtype)]).requires_grad_(True)
+    ours = TanhGELU()
+    y = ours(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    tol = 2e-6 if dtype == torch.float32 else 1e-11
+    # against the float64 formula: within what the fused kernel itself achieves
+    xd = x.detach().double().requires_grad_(True)
+    y64 = _gelu_tanh_float64(xd)
+    (g64,) = torch.autograd.grad(y64.sum(), xd)
+    torch.testing.assert_close(y.double(), y64, rtol=0, atol=tol)
+    torch.testing.assert_close(gx.double(), g64, rtol=0, atol=tol)
+    # against torch's fused kernel (whose gradient ours reuses exactly) and transformers' classes
+    kernel = nn.GELU(approximate="tanh")
+    for original in (kernel, NewGELUActivation(), FastGELUActivation()):
         y_ref = original(x)
         (gx_ref,) = torch.autograd.grad(y_ref.sum(), x)
-        y = fused(x)
-        (gx,) = torch.autograd.grad(y.sum(), x)
-        torch.testing.assert_close(y, y_ref, rtol=0, atol=2e-6)
-        torch.testing.assert_close(gx, gx_ref, rtol=0, atol=2e-6)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=tol)
+        torch.testing.assert_close(gx, gx_ref, rtol=0, atol=tol)
+    assert torch.equal(gx, torch.autograd.grad(kernel(x).sum(), x)[0])
     # and it is not some other GELU: the exact erf form differs by more than that
-    assert (nn.GELU()(x) - NewGELUActivation()(x)).abs().max() > 1e-4
+    assert (nn.GELU()(x) - y).abs().max() > 1e-4
 
 
-def test_fuse_gelu_swaps_modules_and_keeps_the_logits():
+def test_tanh_gelu_uses_the_fused_kernel_off_cpu_float():
+    from rlhflab.models.policy import TanhGELU
+
+    x = torch.randn(64, dtype=torch.bfloat16)
+    assert torch.equal(TanhGELU()(x), nn.functional.gelu(x, approximate="tanh"))
+
+
+def test_fuse_gelu_swaps_modules_and_keeps_the_logits_and_gradients():
     from transformers.activations import NewGELUActivation
 
-    from rlhflab.models.policy import fuse_gelu
+    from rlhflab.models.policy import TanhGELU, fuse_gelu
 
     model = _tiny_gpt2()
     ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
+    before = model(input_ids=ids).logits
+    before.square().sum().backward()
+    grads_before = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
     assert fuse_gelu(model) == 2  # one MLP activation per layer
-    assert all(isinstance(b.mlp.act, nn.GELU) and b.mlp.act.approximate == "tanh" for b in model.transformer.h)
+    assert all(isinstance(b.mlp.act, TanhGELU) for b in model.transformer.h)
     assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
     assert model.config.activation_function == "gelu_new"  # what save_pretrained writes is unchanged
-    with torch.no_grad():
-        after = model(input_ids=ids).logits
+    after = model(input_ids=ids).logits
+    after.square().sum().backward()
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    for a, p in zip(grads_before, model.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-5)
     assert fuse_gelu(model) == 0  # idempotent
 
 
-def test_fuse_gelu_leaves_fused_and_other_activations_alone():
-    from transformers.activations import GELUTanh
+def test_fuse_gelu_replaces_every_tanh_gelu_and_nothing_else():
+    from transformers.activations import GELUActivation, GELUTanh
 
-    from rlhflab.models.policy import fuse_gelu
+    from rlhflab.models.policy import TanhGELU, fuse_gelu
 
-    assert fuse_gelu(_tiny_gpt2("gelu_pytorch_tanh")) == 0  # already one kernel
+    assert fuse_gelu(_tiny_gpt2("gelu_pytorch_tanh")) == 2  # fused already, but the CPU forward is faster
     assert fuse_gelu(_tiny_gpt2("relu")) == 0
-    holder = nn.Sequential(GELUTanh(use_gelu_tanh_python=True), GELUTanh())
-    assert fuse_gelu(holder) == 1
-    assert isinstance(holder[0], nn.GELU) and isinstance(holder[1], GELUTanh)
+    assert fuse_gelu(_tiny_gpt2("gelu")) == 0  # the erf GELU is another function
+    holder = nn.Sequential(GELUTanh(use_gelu_tanh_python=True), GELUTanh(), nn.GELU(approximate="tanh"), nn.GELU(),
+                           GELUActivation(), nn.SiLU())
+    assert fuse_gelu(holder) == 3
+    assert [type(m) for m in holder] == [TanhGELU, TanhGELU, TanhGELU, nn.GELU, GELUActivation, nn.SiLU]
 
 
 # -------------------------------------------------------------------- response logits
@@ -214,6 +247,7 @@ def test_prepare_ppo_models_fuses_all_four_models():
     from transformers import GPT2Config, GPT2ForSequenceClassification
     from transformers.activations import NewGELUActivation
 
+    from rlhflab.models.policy import TanhGELU
     from rlhflab.models.reward import RewardModel
     from rlhflab.stages.ppo import PPOModels, prepare_ppo_models
 
@@ -225,4 +259,4 @@ def test_prepare_ppo_models_fuses_all_four_models():
     assert prepare_ppo_models(models) is models
     for m in (models.policy, models.ref_policy, models.critic, models.reward.model):
         assert not any(isinstance(x, NewGELUActivation) for x in m.modules())
-        assert any(isinstance(x, nn.GELU) for x in m.modules())
+        assert any(isinstance(x, TanhGELU) for x in m.modules())

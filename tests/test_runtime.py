@@ -70,3 +70,49 @@ def test_rng_state_roundtrip_and_write_json(tmp_path):
     assert torch.equal(a, torch.rand(3))
     write_json(tmp_path / "x.json", {"a": torch.tensor(2.0)})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": 2.0}
+
+
+def _adamw_pair():
+    from rlhflab.config import OptimConfig
+    from rlhflab.stages.common import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(7, 5, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    cfg = OptimConfig(lr=1e-2, eps=1e-5, weight_decay=0.1)
+    return make_optimizer(a, cfg), torch.optim.AdamW(b, lr=1e-2, eps=1e-5, weight_decay=0.1), a, b, g
+
+
+def test_make_optimizer_is_fused_adamw_with_the_plain_update():
+    fused, plain, a, b, g = _adamw_pair()
+    assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"] is True
+    assert fused.defaults["eps"] == 1e-5
+    start = [x.detach().clone() for x in a]
+    for _ in range(6):
+        for x, y in zip(a, b):
+            grad = torch.randn(x.shape, generator=g)
+            x.grad, y.grad = grad.clone(), grad.clone()
+        fused.step()
+        plain.step()
+    for x, y, x0 in zip(a, b, start):
+        assert (x - x0).abs().max() > 1e-2  # six steps of lr 1e-2 moved every tensor
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    # a checkpoint of the fused optimizer resumes a plain one (and back): same state layout
+    plain.load_state_dict(fused.state_dict())
+    fused.load_state_dict(plain.state_dict())
+
+
+def test_make_optimizer_falls_back_when_fusing_is_refused(monkeypatch):
+    from rlhflab.config import OptimConfig
+    from rlhflab.stages.common import make_optimizer
+
+    real = torch.optim.AdamW
+
+    def refusing(params, fused=None, **kw):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", refusing)
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(3))], OptimConfig(lr=1e-3))
+    assert isinstance(opt, real) and not opt.defaults.get("fused")

@@ -9,7 +9,7 @@ divide by ``temperature`` exactly and refuse ``temperature <= 0``).
 
 Memory and speed. With autograd recording (the PPO update) the whole ``[B, T, V]`` goes
 through one autograd function, :class:`_TokenLogprobs`: forward ``log_softmax``, gather of
-the chosen tokens, ``probs = exp(logprobs)`` kept for backward (autograd would keep a
+the chosen tokens, ``probs = softmax(logits / T)`` kept for backward (autograd would keep a
 ``[B, T, V]`` for any formulation) and, when asked, the entropy from the same
 log-softmax; backward writes the gradient of ``log_softmax(z)[token]``, which is
 ``onehot(token) - probs`` times the incoming gradient, in one dense pass. Plain autograd
@@ -78,9 +78,13 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, with_entropy: bool):
-        logp = torch.log_softmax(_as_float(logits, temperature), dim=-1)  # [B, T, V], our own tensor
+        z = _as_float(logits, temperature)
+        logp = torch.log_softmax(z, dim=-1)  # [B, T, V], our own tensor
         logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        probs = logp.exp()  # what log_softmax's backward would recompute; saved instead of logp
+        # What log_softmax's backward would recompute, saved instead of logp. softmax(z) rather
+        # than logp.exp(): equal to rounding, and on CPU ~1.6x faster (torch's exp kernel is slow).
+        probs = torch.softmax(z, dim=-1)
+        del z
         entropy = _entropy_from_logp_(logp, probs) if with_entropy else None  # logp not used after this
         ctx.save_for_backward(probs, tokens)
         ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
@@ -92,13 +96,14 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs: Tensor, *unused):
         probs, tokens = ctx.saved_tensors
-        g = grad_logprobs.unsqueeze(-1)  # [B, T, 1]
         # d log_softmax(z)[k] / dz_v = 1[v = k] - p_v: the same products log_softmax's own
-        # backward forms (g - p*g at the token, -p*g elsewhere), then the 1/T of z = logits / T.
+        # backward forms (g - p*g at the token, -p*g elsewhere); the 1/T of z = logits / T is
+        # applied to the [B, T, 1] incoming gradient, not to the [B, T, V] result.
+        g = grad_logprobs.unsqueeze(-1)  # [B, T, 1]
+        if ctx.temperature != 1.0:
+            g = g / ctx.temperature
         grad = probs * (-g)
         grad.scatter_add_(-1, tokens.unsqueeze(-1), g)
-        if ctx.temperature != 1.0:
-            grad.div_(ctx.temperature)
         return grad.to(ctx.logits_dtype), None, None, None
 
 
@@ -130,8 +135,8 @@ def logprobs_and_entropy_from_logits(logits: Tensor, tokens: Tensor, temperature
     """:func:`logprobs_from_logits` and :func:`entropy_from_logits` from ONE log-softmax.
 
     The PPO update needs both of the same logits (the loss and ``policy/entropy_avg``); the
-    entropy reuses the log-softmax the logprobs are gathered from instead of a second
-    softmax pass. It is computed as ``-sum_v p_v log p_v``, equal to
+    entropy reuses the log-softmax the logprobs are gathered from (and, with autograd, the
+    probabilities the backward keeps) instead of separate passes. It is computed as ``-sum_v p_v log p_v``, equal to
     :func:`entropy_from_logits`'s ``logsumexp(z) - sum_v p_v z_v`` up to float rounding.
 
     Args:

