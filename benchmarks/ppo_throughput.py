@@ -127,7 +127,7 @@ def worker() -> dict:
                   bf16=bf16, optim={"lr": 3e-6, "eps": 1e-5})
     acc = make_accelerator()
     sizes = derive_batch("ppo", B, B, 1, 1)
-    opt = make_optimizer(list(models.policy.parameters()) + list(models.critic.parameters()), p.optim)
+    opt = make_optimizer(list(models.policy.parameters()) + list(models.critic.parameters()), p.optim, fused=True)
     sched = make_scheduler(opt, "linear", U + 1)
     kl_ctl = make_kl_controller(p)
     g = torch.Generator().manual_seed(1)

@@ -80,7 +80,7 @@ def _adamw_pair():
     a = [torch.nn.Parameter(torch.randn(7, 5, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
     b = [torch.nn.Parameter(x.detach().clone()) for x in a]
     cfg = OptimConfig(lr=1e-2, eps=1e-5, weight_decay=0.1)
-    return make_optimizer(a, cfg), torch.optim.AdamW(b, lr=1e-2, eps=1e-5, weight_decay=0.1), a, b, g
+    return make_optimizer(a, cfg, fused=True), torch.optim.AdamW(b, lr=1e-2, eps=1e-5, weight_decay=0.1), a, b, g
 
 
 def test_make_optimizer_is_fused_adamw_with_the_plain_update():
@@ -114,5 +114,13 @@ def test_make_optimizer_falls_back_when_fusing_is_refused(monkeypatch):
         return real(params, **kw)
 
     monkeypatch.setattr(torch.optim, "AdamW", refusing)
-    opt = make_optimizer([torch.nn.Parameter(torch.zeros(3))], OptimConfig(lr=1e-3))
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(3))], OptimConfig(lr=1e-3), fused=True)
     assert isinstance(opt, real) and not opt.defaults.get("fused")
+
+
+def test_make_optimizer_is_the_plain_adamw_unless_asked():
+    from rlhflab.config import OptimConfig
+    from rlhflab.stages.common import make_optimizer
+
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(3))], OptimConfig(lr=1e-3))
+    assert not opt.defaults.get("fused")

@@ -631,7 +631,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
     seed_everything(p.seed)
     models, critic_kind, critic_note = load_ppo_models(cfg, device)
     prompts = load_prompts(cfg, models.tokenizer)
-    optimizer = make_optimizer(list(models.policy.parameters()) + list(models.critic.parameters()), p.optim)
+    optimizer = make_optimizer(list(models.policy.parameters()) + list(models.critic.parameters()), p.optim,
+                               fused=True)
     scheduler = make_scheduler(optimizer, "linear" if p.anneal_lr else "constant", num_updates, p.optim.warmup_ratio)
     kl_ctl = make_kl_controller(p)
 
