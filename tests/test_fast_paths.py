@@ -174,11 +174,19 @@ def test_tanh_gelu_equals_gelu_new_fast_gelu_and_the_fused_kernel(dtype):
     assert (nn.GELU()(x) - y).abs().max() > 1e-4
 
 
-def test_tanh_gelu_uses_the_fused_kernel_off_cpu_float():
-    from rlhflab.models.policy import TanhGELU
+def test_tanh_gelu_takes_the_sigmoid_path_only_for_cpu_float(monkeypatch):
+    from rlhflab.models import policy
 
+    calls = []
+    real = policy._SigmoidTanhGELU.apply
+    monkeypatch.setattr(policy._SigmoidTanhGELU, "apply", lambda x: calls.append(x.dtype) or real(x))
+    act = policy.TanhGELU()
+    for dtype in (torch.float32, torch.float64):
+        act(torch.randn(64, dtype=dtype))
+    assert calls == [torch.float32, torch.float64]
     x = torch.randn(64, dtype=torch.bfloat16)
-    assert torch.equal(TanhGELU()(x), nn.functional.gelu(x, approximate="tanh"))
+    assert torch.equal(act(x), nn.functional.gelu(x, approximate="tanh"))
+    assert len(calls) == 2  # bf16 went to the fused kernel
 
 
 def test_fuse_gelu_swaps_modules_and_keeps_the_logits_and_gradients():

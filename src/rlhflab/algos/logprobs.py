@@ -136,8 +136,9 @@ def logprobs_and_entropy_from_logits(logits: Tensor, tokens: Tensor, temperature
 
     The PPO update needs both of the same logits (the loss and ``policy/entropy_avg``); the
     entropy reuses the log-softmax the logprobs are gathered from (and, with autograd, the
-    probabilities the backward keeps) instead of separate passes. It is computed as ``-sum_v p_v log p_v``, equal to
-    :func:`entropy_from_logits`'s ``logsumexp(z) - sum_v p_v z_v`` up to float rounding.
+    probabilities the backward keeps) instead of separate passes. It is computed as
+    ``-sum_v p_v log p_v``, equal to :func:`entropy_from_logits`'s
+    ``logsumexp(z) - sum_v p_v z_v`` up to float rounding.
 
     Args:
         logits: ``[B, T, V]`` aligned with ``tokens``; tokens: ``[B, T]`` ids; temperature > 0.
