@@ -74,7 +74,7 @@ CASES = {
     "masked_whiten": lambda d, m: (masked_whiten(d["x"], m), masked_whiten(d["x"], m, shift_mean=False)),
     "kl_shaped_rewards": lambda d, m: tuple(
         out for kind in ("k1", "k2", "k3")
-        for out in kl_shaped_rewards(d["scores"], d["logprobs"], d["ref_logprobs"], m, 0.05, kind)
+        for out in kl_shaped_rewards(d["scores"], d["logprobs"], d["ref_logprobs"], m, 0.05, kind, "eos")
     ),
     "maybe_whiten_rewards": lambda d, m: (maybe_whiten_rewards(d["rewards"], m, True),),
     "compute_gae": lambda d, m: compute_gae(d["rewards"], d["values"], m, 1.0, 0.95),
@@ -115,3 +115,24 @@ def test_gradients_ignore_masked_garbage(seed):
         assert torch.equal(g_clean, g_dirty)
         assert (g_dirty[~mask] == 0).all()
     assert (grads[0][0][mask] != 0).any()  # the real tokens do get a gradient
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_after_eos_rewards_and_gae_ignore_garbage_outside_the_value_mask(seed):
+    """SFD's placement writes the score one position past the response mask: everything stays
+    invariant to garbage outside the *value* mask, and is 0 there."""
+    from rlhflab.algos import value_mask
+
+    mask, clean, dirty = _inputs(seed)
+    vmask = value_mask(mask, "after_eos")
+    outs = []
+    for d in (clean, dirty):
+        values = torch.where(vmask, clean["values"], d["values"])  # values are real on the value mask
+        rewards, kl, nsr = kl_shaped_rewards(d["scores"], d["logprobs"], d["ref_logprobs"], mask, 0.05, "k1", "after_eos")
+        adv, ret = compute_gae(rewards, values, vmask, 1.0, 0.95)
+        outs.append((rewards, kl, adv, ret))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+        assert (b[~vmask] == 0).all()
+    rewards = outs[1][0]
+    assert (rewards[vmask & ~mask] != 0).any()  # the scores really sit after the EOS

@@ -31,7 +31,8 @@ def test_kl_shaped_rewards_by_hand():
     ref_logprobs = torch.tensor([[-1.5, -1.0, -3.0], [-1.0, 0.0, -G], [G, -G, 0.0]], dtype=torch.float64)
     mask = torch.tensor([[T_, T_, T_], [T_, T_, F_], [F_, F_, F_]])
     scores = torch.tensor([2.0, 1.0, 5.0], dtype=torch.float64)
-    rewards, kl, nsr = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1, kind="k1")
+    rewards, kl, nsr = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1, kind="k1",
+                                        score_placement="eos")
     # row 0: kl = [0.5, -1, 0] -> nsr = [-0.05, 0.1, 0]; score 2 at index 2
     # row 1: kl = [0.5, -0.5, 0(masked)] -> nsr = [-0.05, 0.05, 0]; score 1 at index 1
     # row 2: empty response: the score lands nowhere

@@ -20,8 +20,8 @@ from rlhflab.stages import ppo  # noqa: E402
 from rlhflab.stages.common import StopRequested, load_train_state  # noqa: E402
 
 METRICS = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "objective/scores",
-           "policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "loss/policy_avg", "loss/value_avg",
-           "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens", "lr", "episode", "response/length_mean",
+           "policy/approxkl_token_avg", "policy/clipfrac_avg", "policy/entropy_token_avg", "loss/policy_avg", "loss/value_avg",
+           "val/clipfrac_avg", "val/ratio_token_avg", "val/num_eos_responses", "lr", "episode", "response/length_mean",
            "response/no_eos_rate", "response/length_score_corr", "advantages/mean", "advantages/std", "advantages/min",
            "advantages/max", "returns/mean", "returns/std", "gold/score", "kl/health", "kl/health_code",
            "perf/episodes_per_s", "perf/time_generation_s", "perf/time_scoring_s", "perf/time_training_s"]
@@ -145,8 +145,8 @@ def test_one_update_with_lr_zero_is_hand_checkable(tpl, tmp_path):
     stats = ppo.ppo_train(models, opt, batch, p, sizes, 1, acc)
     after = models.policy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert stats["val/ratio"] == pytest.approx(1.0, abs=1e-5)
-    assert stats["policy/approxkl_avg"] < 1e-9 and stats["policy/clipfrac_avg"] == 0.0
+    assert stats["val/ratio_token_avg"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["policy/approxkl_token_avg"] < 1e-9 and stats["policy/clipfrac_avg"] == 0.0
     assert stats["loss/policy_avg"] == pytest.approx(0.0, abs=1e-5)  # -mean(A * ratio 1) = -mean(whitened A) = 0
 
 
@@ -173,8 +173,8 @@ def test_gumbel_sampling_matches_the_softmax_at_temperature():
     class Fixed(torch.nn.Module):
         training = False
 
-        def forward(self, input_ids, attention_mask, position_ids, use_cache, logits_to_keep=0, past_key_values=None):
-            return types.SimpleNamespace(logits=logits.expand(input_ids.shape[0], input_ids.shape[1], 4), past_key_values=None)
+        def forward(self, input_ids, attention_mask, position_ids, use_cache, logits_to_keep=0, cache=None):
+            return types.SimpleNamespace(logits=logits.expand(input_ids.shape[0], input_ids.shape[1], 4), cache=None)
 
     n = 4000
     ids = torch.zeros((n, 1), dtype=torch.long)

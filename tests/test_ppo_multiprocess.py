@@ -84,6 +84,6 @@ def test_two_processes_match_one(tmp_path):
     assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == [1, 2]
     for a, b in zip(rows1, rows2):
         for k in ("objective/kl", "objective/scores", "objective/entropy", "response/length_mean", "advantages/mean",
-                  "advantages/std", "returns/mean", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "val/ratio"):
+                  "advantages/std", "returns/mean", "loss/policy_avg", "loss/value_avg", "policy/approxkl_token_avg", "val/ratio_token_avg"):
             assert a[k] == pytest.approx(b[k], abs=1e-4), k
     assert json.loads((two / "metrics.json").read_text())["num_processes"] == 2

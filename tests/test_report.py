@@ -47,7 +47,7 @@ def write_ppo(run: Path, kl_final=3.5):
     rows = []
     for s in range(1, 21):
         rows.append({"step": s, "episode": 16 * s, "objective/scores": 0.1 * s, "objective/rlhf_reward": 0.1 * s - 0.05,
-                     "objective/kl": kl_final * s / 20, "policy/approxkl_avg": 0.01, "objective/entropy": 30 - s,
+                     "objective/kl": kl_final * s / 20, "policy/approxkl_token_avg": 0.01, "objective/entropy": 30 - s,
                      "response/length_mean": 20 + s, "policy/clipfrac_avg": 0.1, "val/clipfrac_avg": 0.2,
                      "response/length_score_corr": 0.6, "loss/value_avg": 0.3 / s})
         if s % 5 == 0:

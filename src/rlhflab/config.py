@@ -112,7 +112,7 @@ class RMConfig(_Section):
     eval_every: int = F(0, "Validate every N steps (0: only at the end).", ge=0)
     log_every: int = F(10, "Log metrics every N optimizer steps.", ge=1)
     save_every: int = F(100, "Write a resumable state every N steps (0: only at the end).", ge=0)
-    max_length: int = F(512, "Token budget of query+response for the RM's own tokenizer.", ge=16)
+    max_length: Optional[int] = F(None, "Token budget of query+response for the RM's own tokenizer; default data.max_query_length + the preference response budget (SFD's RM reads the whole query+response: 512+169 -> 638 after its own trimming), capped at the backbone's max positions. A longer row loses the middle of its query, never its head (SUBREDDIT/TITLE) or its last 8 tokens ('TL;DR:').", ge=16)
 
 
 class KLMonitorConfig(_Section):
@@ -145,6 +145,7 @@ class PPOConfig(_Section):
     cliprange_value: float = F(0.2, "Value clip epsilon.", gt=0)
     vf_coef: float = F(0.1, "Value loss coefficient.", ge=0)
     whiten_rewards: bool = F(False, "Whiten the shaped rewards per batch before GAE.")
+    score_placement: Literal["after_eos", "eos"] = F("after_eos", "Where the RM score enters the rewards: 'after_eos' = one position after the EOS, with that position in the critic's mask (SFD/TRL, Huang's code); 'eos' = on the EOS token itself.")
     missing_eos: Literal["replace", "subtract"] = F("replace", "No-EOS rule: 'replace' the score by missing_eos_penalty, or 'subtract' |penalty| from it.")
     missing_eos_penalty: float = F(-1.0, "Score (replace) or penalty (subtract) for responses without a stop token.")
     stop_token: Literal["eos", "none"] = F("eos", "Truncate responses after the first EOS (Huang); 'none' keeps all sampled tokens.")
@@ -215,6 +216,16 @@ class RunConfig(_Section):
     @property
     def response_length(self) -> int:
         return self.ppo.response_length or self.data.response_length
+
+    @property
+    def pref_response_length(self) -> int:
+        """Longest chosen/rejected response of RM training, in tokens incl. EOS."""
+        return self.data.max_pref_response_length or 2 * self.data.response_length
+
+    @property
+    def rm_max_length(self) -> int:
+        """``rm.max_length``, or query budget + preference response budget (before the backbone's cap)."""
+        return self.rm.max_length or self.data.max_query_length + self.pref_response_length
 
 
 # ------------------------------------------------------------------- batch derivation

@@ -18,7 +18,7 @@ from .masking import (
     sequence_lengths,
     truncate_response,
 )
-from .rewards import apply_missing_eos, kl_shaped_rewards, maybe_whiten_rewards
+from .rewards import apply_missing_eos, kl_shaped_rewards, maybe_whiten_rewards, score_positions, value_mask
 
 __all__ = [
     "INVALID_LOGPROB",
@@ -38,8 +38,10 @@ __all__ = [
     "masked_whiten",
     "maybe_whiten_rewards",
     "policy_loss",
+    "score_positions",
     "sequence_lengths",
     "truncate_response",
     "value_loss",
+    "value_mask",
     "whiten_advantages",
 ]

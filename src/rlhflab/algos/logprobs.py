@@ -134,7 +134,7 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
 def logprobs_and_entropy_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """:func:`logprobs_from_logits` and :func:`entropy_from_logits` from ONE log-softmax.
 
-    The PPO update needs both of the same logits (the loss and ``policy/entropy_avg``); the
+    The PPO update needs both of the same logits (the loss and ``policy/entropy_token_avg``); the
     entropy reuses the log-softmax the logprobs are gathered from (and, with autograd, the
     probabilities the backward keeps) instead of separate passes. It is computed as
     ``-sum_v p_v log p_v``, equal to :func:`entropy_from_logits`'s

@@ -9,11 +9,20 @@ Huang et al. 2024 details implemented here:
   score is added at the last response token (the EOS) only (``kl_shaped_rewards``).
 - optional reward whitening without shifting the mean (``maybe_whiten_rewards``).
 
-Placement of the score: we put it on the last real token of ``response_mask`` (the EOS
-for a truncated response), which is where Huang's paper describes it and where the
-episode ends for GAE. SFD's ppo.py and TRL's ppo_trainer place it one index later
-(``sequence_lengths_p1``, the first pad) together with a value mask shifted by one; we
-deliberately do not reproduce that off-by-one.
+Placement of the score (``score_placement``):
+
+- ``"after_eos"`` (the default, Huang et al.'s code): SFD's ppo.py step 4 and TRL 0.29's
+  ppo_trainer add the score one position *after* the last real token
+  (``sequence_lengths_p1``, the first pad; the last token itself when the response fills
+  the whole budget), and keep that position in the *value* mask (``~padding_mask_p1``): the
+  critic's value read there -- the state right after the EOS -- is trained to predict the
+  score, GAE runs one step further, and the policy (whose mask stops at the EOS) sees the
+  score through ``gamma * lam`` times that extra TD step. :func:`value_mask` builds that mask.
+- ``"eos"``: the score on the last real token itself, value mask = response mask (the
+  textbook episode that ends with the EOS action).
+
+Both are estimators of the same return; only the first is the paper's, so it is the
+default wherever a config claims Huang's recipe.
 """
 
 from __future__ import annotations
@@ -54,6 +63,48 @@ def apply_missing_eos(
     return torch.where(contains_stop, scores, fallback)
 
 
+ScorePlacement = Literal["after_eos", "eos"]
+
+
+def value_mask(response_mask: Tensor, score_placement: ScorePlacement = "after_eos") -> Tensor:
+    """The positions the critic is trained on and GAE runs over.
+
+    ``"after_eos"``: SFD's ``~padding_mask_p1`` -- the response mask plus the first
+    position after each row's last real token, where one exists (a row that fills all
+    ``T`` positions gains nothing; an empty row stays empty). ``"eos"``: the response mask.
+
+    Args:
+        response_mask: ``[B, T]`` bool, right-truncated (``truncate_response``).
+        score_placement: see the module docstring.
+
+    Returns:
+        ``[B, T]`` bool.
+    """
+    mask = as_bool_mask(response_mask)
+    if score_placement == "eos":
+        return mask
+    if score_placement != "after_eos":
+        raise ValueError(f"score_placement must be 'after_eos' or 'eos', got {score_placement!r}")
+    last = sequence_lengths(mask)  # [B], -1 for empty rows
+    idx = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    return mask | ((idx == (last + 1).unsqueeze(1)) & (last >= 0).unsqueeze(1))
+
+
+def score_positions(response_mask: Tensor, score_placement: ScorePlacement = "after_eos") -> Tensor:
+    """Index ``[B]`` where each row's score lands (``-1`` for an empty row).
+
+    ``"after_eos"``: SFD's ``actual_end = where(sequence_lengths_p1 < T, sequence_lengths_p1,
+    sequence_lengths)``; ``"eos"``: ``sequence_lengths``.
+    """
+    mask = as_bool_mask(response_mask)
+    last = sequence_lengths(mask)
+    if score_placement == "eos":
+        return last
+    if score_placement != "after_eos":
+        raise ValueError(f"score_placement must be 'after_eos' or 'eos', got {score_placement!r}")
+    return torch.where((last >= 0) & (last + 1 < mask.shape[1]), last + 1, last)
+
+
 def kl_shaped_rewards(
     scores: Tensor,
     logprobs: Tensor,
@@ -61,8 +112,9 @@ def kl_shaped_rewards(
     response_mask: Tensor,
     kl_coef: float,
     kind: KLKind = "k1",
+    score_placement: ScorePlacement = "after_eos",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token rewards ``-kl_coef * KL_t``, plus the score at the last real token.
+    """Per-token rewards ``-kl_coef * KL_t``, plus the score where ``score_placement`` puts it.
 
     Args:
         scores: ``[B]`` (already through ``apply_missing_eos``).
@@ -71,11 +123,13 @@ def kl_shaped_rewards(
         response_mask: ``[B, T]`` bool, True at real response tokens.
         kl_coef: beta (``kl_ctl.value``).
         kind: KL estimator, see ``kl_penalty``.
+        score_placement: ``"after_eos"`` (SFD/TRL, default) or ``"eos"``; see the module docstring.
 
     Returns:
         rewards: ``[B, T]`` = non_score_reward, with ``scores[b]`` added at
-            ``sequence_lengths(response_mask)[b]``. A row with an empty mask receives its
-            score nowhere (all its rewards are 0): there is no token to credit.
+            ``score_positions(response_mask, score_placement)[b]`` (nonzero only inside
+            ``value_mask(response_mask, score_placement)``). A row with an empty mask
+            receives its score nowhere (all its rewards are 0): there is no token to credit.
         kl: ``[B, T]`` per-token KL, 0 where masked (``kl.sum(1).mean()`` is SFD's
             ``objective/kl``).
         non_score_reward: ``[B, T]`` = ``-kl_coef * kl``, 0 where masked.
@@ -90,7 +144,7 @@ def kl_shaped_rewards(
     kl = kl_penalty(torch.where(mask, logprobs, zero), torch.where(mask, ref_logprobs, zero), kind)
     kl = torch.where(mask, kl, zero)
     non_score_reward = -float(kl_coef) * kl
-    last = sequence_lengths(mask)  # [B], -1 for empty rows
+    last = score_positions(mask, score_placement)  # [B], -1 for empty rows
     has_token = last >= 0
     rows = torch.arange(mask.shape[0], device=mask.device)
     score_at = torch.zeros_like(non_score_reward)
@@ -103,11 +157,12 @@ def maybe_whiten_rewards(rewards: Tensor, mask: Tensor, enabled: bool) -> Tensor
     """Whiten shaped rewards over the batch's real tokens, keeping their mean.
 
     SFD's ``whiten_rewards`` option: ``masked_whiten(rewards, mask, shift_mean=False)``.
-    Statistics are per call (per process's batch), as in SFD.
+    Statistics are per call, over ``mask`` -- SFD whitens over ``~padding_mask_p1``, i.e.
+    the :func:`value_mask` (which holds the score).
 
     Args:
         rewards: ``[B, T]``.
-        mask: ``[B, T]`` bool response mask.
+        mask: ``[B, T]`` bool, the value mask.
         enabled: config ``ppo.whiten_rewards``; False returns ``rewards`` unchanged.
 
     Returns:

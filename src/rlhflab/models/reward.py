@@ -126,8 +126,8 @@ class RewardModel:
     def encode(self, queries: Sequence[str], responses: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ``(input_ids, attention_mask)`` of query+response in the RM's own tokens.
 
-        Decoders: tokens(query) + tokens(response) + [eos], the query cut from the left if
-        the whole exceeds ``max_length`` (the response is what is being judged). Encoders:
+        Decoders: tokens(query) + tokens(response) + [eos], the middle of the query cut if
+        the whole exceeds ``max_length`` (:meth:`_decoder_row`; the response is what is judged). Encoders:
         the (query, response) pair with the tokenizer's own special tokens, query truncated.
         """
         if len(queries) != len(responses):
@@ -148,11 +148,25 @@ class RewardModel:
             mask[i, : len(s)] = True
         return ids, mask
 
+    QUERY_TAIL = 8  # tokens kept from the end of a query that must be cut (TL;DR's "\n\nTL;DR:")
+
     def _decoder_row(self, query_ids: list[int], response_ids: list[int]) -> list[int]:
-        """One decoder row: tokens(query) + tokens(response) + [eos], the query cut from the left to fit."""
+        """One decoder row: tokens(query) + tokens(response) + [eos].
+
+        When the row exceeds ``max_length`` the query loses tokens from its *middle*: its head
+        (``SUBREDDIT: ... TITLE: ...`` and the start of the post, which SFD's RM always reads)
+        and its last :attr:`QUERY_TAIL` tokens (the ``TL;DR:`` cue right before the response)
+        are kept. (Cutting from the left, as this did before, dropped the subreddit and title
+        of every long post.)
+        """
         response_ids = response_ids[: self.max_length - 1] + [self.tokenizer.eos_token_id]
         room = self.max_length - len(response_ids)
-        return (query_ids[-room:] if room > 0 else []) + response_ids
+        if room <= 0:
+            return response_ids
+        if len(query_ids) > room:
+            tail = min(self.QUERY_TAIL, room // 2)
+            query_ids = query_ids[: room - tail] + (query_ids[len(query_ids) - tail:] if tail else [])
+        return query_ids + response_ids
 
     def encode_pairs(self, queries: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]) -> PairTokens:
         """Preference pairs split into a shared prefix and two suffixes (decoders only).
@@ -240,11 +254,39 @@ class RewardModel:
         return cls(model, tok, bias=bias, max_length=max_length)
 
 
+class ShiftedLinear(nn.Linear):
+    """``Linear(x) - shift``: a score head that subtracts a constant (not a parameter).
+
+    The critic initialised from the RM reads ``head(h) - bias``, the RM's *normalised* score,
+    exactly as SFD's critic (``ScalarModel.forward``: ``scalar_head(h) - config.bias``) does. A
+    plain head would start every value off by the bias, a constant that GAE turns into a
+    position-dependent advantage offset (``delta_t`` sees ``V_{t+1} - V_t`` except at the last
+    step) which whitening does not remove. The shift is a non-persistent buffer: the saved
+    weights stay those of a plain ``Linear`` (any HF tool loads them); the shift itself lives
+    in the config under ``rlhflab_reward_bias`` and :func:`build_critic` applies it on load.
+    """
+
+    def __init__(self, linear: nn.Linear, shift: float):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                         device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                self.bias.copy_(linear.bias)
+        self.register_buffer("shift", torch.tensor(float(shift), dtype=linear.weight.dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) - self.shift
+
+
 def build_critic(source: str | Path, reinit_head: bool = False, seed: int = 0):
     """PPO critic: a decoder ``...ForSequenceClassification`` read at every token.
 
-    Huang et al.: initialised from the reward model (``source`` = the RM directory). With
-    ``model.critic=policy`` the source is the SFT policy and the head is new (``reinit_head``).
+    Huang et al.: initialised from the reward model (``source`` = the RM directory); its values
+    are the RM's normalised scores ``head(h) - bias`` (:class:`ShiftedLinear`, as SFD), so the
+    critic starts out predicting the normalised score PPO is trained on. With
+    ``model.critic=policy`` the source is the SFT policy and the head is new (``reinit_head``,
+    no shift).
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -254,4 +296,9 @@ def build_critic(source: str | Path, reinit_head: bool = False, seed: int = 0):
                          "(use model.critic=policy when the RM has another tokenizer)")
     if reinit_head:
         init_score_head(score_head(model), generator=torch.Generator().manual_seed(seed))
+        model.config.update({BIAS_KEY: 0.0})
+    else:
+        bias = float(getattr(model.config, BIAS_KEY, 0.0) or 0.0)
+        if bias:
+            model.score = ShiftedLinear(model.score, bias)
     return disable_dropout(model)

@@ -82,6 +82,7 @@ from rlhflab.algos import (
     policy_loss,
     truncate_response,
     value_loss,
+    value_mask,
     whiten_advantages,
 )
 from rlhflab.algos.logprobs import logprobs_and_entropy_from_logits
@@ -134,7 +135,9 @@ class Rollout(NamedTuple):
     query_ids/query_mask: [B, Tq] left-padded queries; responses: [B, R] truncated after the
     first EOS (pad after it); response_mask: [B, R] bool; contains_eos: [B] bool;
     logprobs/ref_logprobs: [B, R] at the sampling temperature (INVALID_LOGPROB where masked);
-    values: [B, R]; scores: [B] after the no-EOS rule; rm_scores: [B] the RM's normalised
+    value_mask: [B, R] bool, where the critic is trained and GAE runs (``algos.value_mask``:
+    the response mask, plus the position after the EOS for ``ppo.score_placement=after_eos``);
+    values: [B, R] (0 outside ``value_mask``); scores: [B] after the no-EOS rule; rm_scores: [B] the RM's normalised
     scores before it; response_texts: B decoded responses.
     """
 
@@ -145,6 +148,7 @@ class Rollout(NamedTuple):
     contains_eos: Tensor
     logprobs: Tensor
     ref_logprobs: Tensor
+    value_mask: Tensor
     values: Tensor
     scores: Tensor
     rm_scores: Tensor
@@ -198,12 +202,15 @@ def response_values(critic: nn.Module, query_responses: Tensor, attention_mask: 
     return values[:, T - response_length - 1: T - 1].float()
 
 
-def _trim(query_ids: Tensor, query_mask: Tensor, responses: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor, int]:
+def _trim(query_ids: Tensor, query_mask: Tensor, responses: Tensor, response_mask: Tensor,
+          keep_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, int]:
     """query+response ids and mask [b, Tq'+R'] without the columns that are padding in every row
-    (leading query pads, trailing response pads); returns them and R'. Masked columns change
-    no real token's result, so this only saves compute."""
+    (leading query pads, trailing response pads beyond ``keep_mask``, default ``response_mask``:
+    pass the value mask to keep the position after the EOS, whose value is read at the EOS);
+    returns them and R'. Masked columns change no real token's result, so this only saves compute."""
     first = int(query_mask.any(0).long().argmax()) if query_mask.any() else 0
-    R = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1
+    keep = response_mask if keep_mask is None else keep_mask
+    R = int(keep.any(0).nonzero().max()) + 1 if keep.any() else 1
     ids = torch.cat([query_ids[:, first:], responses[:, :R]], 1)
     mask = torch.cat([query_mask[:, first:], response_mask[:, :R]], 1)
     return ids, mask, R
@@ -246,7 +253,7 @@ def sample_responses(policy: nn.Module, query_ids: Tensor, query_mask: Tensor, r
     done = torch.zeros(B, dtype=torch.bool, device=device)
     with _autocast(device, bf16):
         out = policy(input_ids=query_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, next_pos = out.past_key_values, positions[:, -1:] + 1
+    cache, next_pos = out.cache, positions[:, -1:] + 1
     logits = out.logits[:, -1]
     for t in range(response_length):
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)
@@ -263,8 +270,8 @@ def sample_responses(policy: nn.Module, query_ids: Tensor, query_mask: Tensor, r
         mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
         with _autocast(device, bf16):
             out = policy(input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=next_pos,
-                         past_key_values=cache, use_cache=True)
-        cache, next_pos = out.past_key_values, next_pos + 1
+                         cache=cache, use_cache=True)
+        cache, next_pos = out.cache, next_pos + 1
         logits = out.logits[:, -1]
     policy.train(was_training)
     return responses, logprobs
@@ -305,8 +312,10 @@ def collect_rollout(models: PPOModels, prompts: Sequence[Any], first_episode: in
                                                seeds, eos, tok.pad_token_id, bf16=p.bf16)
     t1 = time.perf_counter()
 
-    # 3. Truncate after the first EOS (Huang detail); pads after it are masked everywhere.
+    # 3. Truncate after the first EOS (Huang detail); pads after it are masked everywhere except,
+    # with ppo.score_placement=after_eos (SFD), the one position after the EOS in the value mask.
     responses, response_mask, contains_eos = truncate_response(raw_responses, eos, tok.pad_token_id)
+    vmask = value_mask(response_mask, p.score_placement)
 
     # 2. ref_logprobs and values: forwards on query+response, position ids skipping left padding.
     fb = forward_batch_size or p.micro_batch_size
@@ -314,11 +323,12 @@ def collect_rollout(models: PPOModels, prompts: Sequence[Any], first_episode: in
     values = torch.zeros_like(logprobs)
     for s in range(0, per, fb):
         sl = slice(s, s + fb)
-        ids, mask, R = _trim(query_ids[sl], query_mask[sl], responses[sl], response_mask[sl])
+        ids, mask, R = _trim(query_ids[sl], query_mask[sl], responses[sl], response_mask[sl], vmask[sl])
         with _autocast(device, p.bf16):
             ref_logits = response_logits(models.ref_policy, ids, mask, R)
             ref_logprobs[sl, :R] = logprobs_from_logits(ref_logits, responses[sl, :R], p.temperature)
             values[sl, :R] = response_values(models.critic, ids, mask, R)
+    values = torch.where(vmask, values, torch.zeros_like(values))  # SFD: masked_fill(padding_mask_p1, 0)
     logprobs = torch.where(response_mask, logprobs, torch.full_like(logprobs, INVALID_LOGPROB))
     ref_logprobs = torch.where(response_mask, ref_logprobs, torch.full_like(ref_logprobs, INVALID_LOGPROB))
 
@@ -334,11 +344,11 @@ def collect_rollout(models: PPOModels, prompts: Sequence[Any], first_episode: in
     if P > 1:
         from accelerate.utils import gather_object
 
-        query_ids, query_mask, responses, response_mask, contains_eos, logprobs, ref_logprobs, values, scores, rm_scores = (
+        query_ids, query_mask, responses, response_mask, contains_eos, logprobs, ref_logprobs, vmask, values, scores, rm_scores = (
             accelerator.gather(x) for x in (query_ids, query_mask, responses, response_mask, contains_eos, logprobs,
-                                            ref_logprobs, values, scores, rm_scores))
+                                            ref_logprobs, vmask, values, scores, rm_scores))
         texts = gather_object(texts)
-    return Rollout(query_ids, query_mask, responses, response_mask, contains_eos, logprobs, ref_logprobs, values,
+    return Rollout(query_ids, query_mask, responses, response_mask, contains_eos, logprobs, ref_logprobs, vmask, values,
                    scores, rm_scores, list(texts), t1 - t0, t2 - t1)
 
 
@@ -346,12 +356,14 @@ def collect_rollout(models: PPOModels, prompts: Sequence[Any], first_episode: in
 def compute_advantages(rollout: Rollout, kl_coef: float, p: PPOConfig) -> PPOBatch:
     """Steps 5-6 on the global batch: KL-shaped rewards, (optional) reward whitening, GAE, advantage whitening."""
     r = rollout
-    # 5. Per-token rewards -beta * KL_t (k1 by default), the score added at the last real token.
+    # 5. Per-token rewards -beta * KL_t (k1 by default), the score added one position after the EOS
+    # (SFD/TRL, ppo.score_placement=after_eos) or on it ('eos'); reward whitening over the value mask (SFD).
     rewards, kl, non_score_reward = kl_shaped_rewards(r.scores, r.logprobs, r.ref_logprobs, r.response_mask,
-                                                      kl_coef, p.kl_estimator)
-    rewards = maybe_whiten_rewards(rewards, r.response_mask, p.whiten_rewards)
-    # 6. GAE (Huang: gamma 1, lambda 0.95) and per-batch advantage whitening (global statistics).
-    raw_advantages, returns = compute_gae(rewards, r.values, r.response_mask, p.gamma, p.lam)
+                                                      kl_coef, p.kl_estimator, p.score_placement)
+    rewards = maybe_whiten_rewards(rewards, r.value_mask, p.whiten_rewards)
+    # 6. GAE (Huang: gamma 1, lambda 0.95) over the value mask; advantages whitened over the
+    # response tokens (SFD: masked_whiten(advantages, ~padding_mask)), global statistics.
+    raw_advantages, returns = compute_gae(rewards, r.values, r.value_mask, p.gamma, p.lam)
     advantages = whiten_advantages(raw_advantages, r.response_mask)
     return PPOBatch(r, rewards, kl, non_score_reward, advantages, raw_advantages, returns)
 
@@ -387,9 +399,9 @@ def ppo_train(models: PPOModels, optimizer: torch.optim.Optimizer, batch: PPOBat
     accumulation), then gradients are averaged over processes, clipped (policy and critic
     jointly, as SFD's single optimizer over both), and AdamW steps.
 
-    Returns the mean over all micro-batches of ``policy/approxkl_avg``, ``policy/clipfrac_avg``,
-    ``policy/entropy_avg``, ``loss/policy_avg``, ``loss/value_avg``, ``val/clipfrac_avg``,
-    ``val/ratio``.
+    Returns the mean over all micro-batches of ``policy/approxkl_token_avg``, ``policy/clipfrac_avg``,
+    ``policy/entropy_token_avg``, ``loss/policy_avg``, ``loss/value_avg``, ``val/clipfrac_avg``,
+    ``val/ratio_token_avg`` (the policy terms over response tokens, the value terms over the value mask).
     """
     r = batch.rollout
     device = accelerator.device
@@ -412,8 +424,9 @@ def ppo_train(models: PPOModels, optimizer: torch.optim.Optimizer, batch: PPOBat
             mine = mini_inds[rank * accum * mb:(rank + 1) * accum * mb]
             for k in range(accum):
                 idx = mine[k * mb:(k + 1) * mb]
-                ids, mask, R = _trim(r.query_ids[idx], r.query_mask[idx], r.responses[idx], r.response_mask[idx])
-                response_mask = r.response_mask[idx, :R]
+                ids, mask, R = _trim(r.query_ids[idx], r.query_mask[idx], r.responses[idx], r.response_mask[idx],
+                                     r.value_mask[idx])
+                response_mask, vmask = r.response_mask[idx, :R], r.value_mask[idx, :R]
                 with _autocast(device, p.bf16):
                     logits = response_logits(models.policy, ids, mask, R)
                     new_values = response_values(models.critic, ids, mask, R)
@@ -422,7 +435,7 @@ def ppo_train(models: PPOModels, optimizer: torch.optim.Optimizer, batch: PPOBat
                 pg_loss, pg_stats = policy_loss(new_logprobs, r.logprobs[idx, :R], batch.advantages[idx, :R],
                                                 response_mask, p.cliprange)
                 vf_loss, vf_stats = value_loss(new_values, r.values[idx, :R], batch.returns[idx, :R],
-                                               response_mask, p.cliprange_value)
+                                               vmask, p.cliprange_value)
                 loss = pg_loss + p.vf_coef * vf_loss
                 if bad is None and not bool(torch.isfinite(loss)):
                     bad = (f"non-finite PPO loss at update {update} (epoch {epoch + 1}, minibatch {m + 1}, micro-batch "
@@ -452,9 +465,13 @@ def ppo_train(models: PPOModels, optimizer: torch.optim.Optimizer, batch: PPOBat
     if accelerator.num_processes > 1:
         stacked = accelerator.reduce(stacked, "mean")
     v = dict(zip(keys, stacked.tolist()))
-    return {"policy/approxkl_avg": v["approxkl"], "policy/clipfrac_avg": v["clipfrac"], "policy/entropy_avg": v["entropy"],
-            "loss/policy_avg": v["pg_loss"], "loss/value_avg": v["vf_loss"], "val/clipfrac_avg": v["vf_clipfrac"],
-            "val/ratio": v["ratio"]}
+    # approxkl, entropy and ratio are means over the real response tokens; SFD/TRL log same-named
+    # metrics (policy/approxkl_avg, policy/entropy_avg, val/ratio) as means over every position of
+    # the padded [B, response_length] tensor, pads included, hence the distinct *_token_avg names.
+    # clipfrac and the losses are masked means in SFD/TRL too and keep their names.
+    return {"policy/approxkl_token_avg": v["approxkl"], "policy/clipfrac_avg": v["clipfrac"],
+            "policy/entropy_token_avg": v["entropy"], "loss/policy_avg": v["pg_loss"], "loss/value_avg": v["vf_loss"],
+            "val/clipfrac_avg": v["vf_clipfrac"], "val/ratio_token_avg": v["ratio"]}
 
 
 # ========================================================================= metrics
@@ -476,7 +493,7 @@ def rollout_metrics(batch: PPOBatch) -> dict[str, float]:
     if lengths.numel() > 1 and float(lengths.std()) > 0 and float(scores.std()) > 0:
         corr = float(torch.corrcoef(torch.stack([lengths, scores]))[0, 1])
     adv = batch.raw_advantages[mask]
-    ret = batch.returns[mask]
+    ret = batch.returns[r.value_mask]
     non_score = batch.non_score_reward.sum(1)
     return {
         "objective/kl": float(batch.kl.sum(1).mean()),
@@ -485,7 +502,8 @@ def rollout_metrics(batch: PPOBatch) -> dict[str, float]:
         "objective/rlhf_reward": float((scores + non_score).mean()),
         "objective/scores": float(scores.mean()),
         "objective/rm_scores": float(r.rm_scores.float().mean()),
-        "val/num_eos_tokens": int(r.contains_eos.sum()),
+        # Responses that contain an EOS (TRL's val/num_eos_tokens counts EOS tokens in the raw samples).
+        "val/num_eos_responses": int(r.contains_eos.sum()),
         "response/length_mean": float(lengths.mean()),
         "response/no_eos_rate": float(1.0 - r.contains_eos.float().mean()),
         "response/length_score_corr": corr,

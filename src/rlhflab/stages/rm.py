@@ -103,8 +103,8 @@ def build_reward_model(cfg: RunConfig, seed: int) -> RewardModel:
         except Exception as e:
             raise StageError(f"cannot load the reward backbone's tokenizer from {source}: {e}") from None
     model.config.pad_token_id = tokenizer.pad_token_id
-    max_positions = getattr(model.config, "max_position_embeddings", None) or cfg.rm.max_length
-    return RewardModel(model, tokenizer, bias=0.0, max_length=min(cfg.rm.max_length, max_positions))
+    max_positions = getattr(model.config, "max_position_embeddings", None) or cfg.rm_max_length
+    return RewardModel(model, tokenizer, bias=0.0, max_length=min(cfg.rm_max_length, max_positions))
 
 
 def pair_scores(model, rm: RewardModel, queries: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
@@ -141,14 +141,14 @@ def pair_scores(model, rm: RewardModel, queries: Sequence[str], chosen: Sequence
         return pair_scores_concat(model, rm, queries, chosen, rejected, device)
     prefix_mask = t.prefix_mask.to(device)
     rm.model.base_model(input_ids=t.prefix_ids.to(device), attention_mask=prefix_mask.long(),
-                        position_ids=position_ids_from_mask(prefix_mask), past_key_values=cache, use_cache=True)
+                        position_ids=position_ids_from_mask(prefix_mask), cache=cache, use_cache=True)
     cache.batch_repeat_interleave(2)  # rows (chosen_i, rejected_i) share pair i's prefix
     prefix_mask = prefix_mask.repeat_interleave(2, dim=0)
     suffix_mask = t.suffix_mask.to(device)
     # Each suffix token sits right after its row's real prefix tokens; pads repeat the last real position.
     position_ids = prefix_mask.long().sum(1, keepdim=True) + suffix_mask.long().cumsum(1) - 1
     scores = model(input_ids=t.suffix_ids.to(device), attention_mask=torch.cat([prefix_mask, suffix_mask], 1).long(),
-                   position_ids=position_ids, past_key_values=cache, use_cache=True).logits.squeeze(-1).float()
+                   position_ids=position_ids, cache=cache, use_cache=True).logits.squeeze(-1).float()
     return scores[0::2], scores[1::2]
 
 
