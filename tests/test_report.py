@@ -200,3 +200,16 @@ def test_hacking_readings_numbers():
     assert cls == "bad" and "rose by 0.700" in text and "fell by 0.070" in text and "over-optimisation" in text
     # a single logged value is no trend
     assert hacking_readings(rows[:1], None) == []
+
+
+def test_gold_change_within_sampling_noise_is_not_called_over_optimisation():
+    # RM 0.1 -> 0.8 while the rollouts' gold falls 0.07 (windows of 3); each logged gold mean has
+    # a standard error: 0.05 -> the window difference has SE sqrt(2 * 3 * 0.05^2) / 3 = 0.0408,
+    # 2 SE = 0.082 > 0.07: noise, not a trend.
+    rows = [{"step": i, "objective/rm_scores": 0.1 * i, "gold/score": 0.5 - 0.01 * i, "gold/score_se": 0.05} for i in range(10)]
+    (cls, text), = hacking_readings(rows, None)
+    assert cls == "info" and "within sampling noise" in text and "±0.082" in text and "over-optimisation" not in text
+    # a tight standard error (0.01 -> 2 SE = 0.016) makes the same fall a real one
+    rows = [{**r, "gold/score_se": 0.01} for r in rows]
+    (cls, text), = hacking_readings(rows, None)
+    assert cls == "bad" and "over-optimisation" in text

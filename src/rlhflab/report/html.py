@@ -348,6 +348,21 @@ def _edge_mean(rows: Sequence[dict], key: str, first: bool) -> Optional[float]:
     return sum(part) / len(part)
 
 
+def _edge_noise(rows: Sequence[dict], key: str) -> Optional[float]:
+    """Standard error of ``_edge_mean(last) - _edge_mean(first)`` from the per-row standard errors
+    logged beside ``key`` (``<key>_se``: each rollout's gold score is a mean over one batch of
+    random prompts); None when they were not logged."""
+    se_rows = [r for r in rows if r.get(key) is not None and r.get(key + "_se") is not None]
+    if len(se_rows) < 2 or len(se_rows) != len([r for r in rows if r.get(key) is not None]):
+        return None
+    ses = [float(r[key + "_se"]) for r in se_rows]
+    if any(not math.isfinite(x) for x in ses):
+        return None
+    k = min(3, max(1, len(ses) // 3))
+    first, last = ses[:k], ses[-k:]
+    return math.sqrt(sum(x * x for x in first) / k ** 2 + sum(x * x for x in last) / k ** 2)
+
+
 def hacking_readings(ppo_rows: Sequence[dict], results: Optional[dict]) -> list[tuple[str, str]]:
     """Plain-language readings ``(css class, sentence)`` of the reward-hacking evidence.
 
@@ -360,11 +375,16 @@ def hacking_readings(ppo_rows: Sequence[dict], results: Optional[dict]) -> list[
     rm_key = "objective/rm_scores" if _series(ppo_rows, "objective/rm_scores")[1] else "objective/scores"
     rm0, rm1 = _edge_mean(ppo_rows, rm_key, True), _edge_mean(ppo_rows, rm_key, False)
     g0, g1 = _edge_mean(ppo_rows, "gold/score", True), _edge_mean(ppo_rows, "gold/score", False)
+    noise = _edge_noise(ppo_rows, "gold/score")
     if rm0 is not None and rm1 is not None:
         d_rm = rm1 - rm0
         if g0 is not None and g1 is not None:
             d_g = g1 - g0
-            if d_rm > 0 and d_g < 0:
+            if noise is not None and abs(d_g) <= 2 * noise:
+                out.append(("info", f"During PPO the RM score changed by {d_rm:+.3f}; the rollouts' gold score changed by "
+                                    f"{d_g:+.3f}, within sampling noise (2 standard errors: ±{2 * noise:.3f}) — the "
+                                    "evaluation below, on fixed posts, is the measurement to read."))
+            elif d_rm > 0 and d_g < 0:
                 out.append(("bad", f"During PPO the RM score rose by {d_rm:.3f} while the gold score fell by {-d_g:.3f}: "
                                    "over-optimisation — the policy is exploiting the reward model, not improving."))
             elif d_rm > 0 and d_g >= 0:

@@ -598,14 +598,19 @@ def make_kl_controller(p: PPOConfig):
     return AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl else FixedKLController(p.kl_coef)
 
 
-def gold_score(cfg: RunConfig, prompts: Sequence[Any], texts: Sequence[str]) -> Optional[float]:
-    """Mean tldr-synth gold score of decoded responses on their raw posts (None for real data)."""
+def gold_score(cfg: RunConfig, prompts: Sequence[Any], texts: Sequence[str]) -> Optional[tuple[float, float]]:
+    """Mean tldr-synth gold score of decoded responses on their raw posts, and its standard error
+    over the batch (None for real data). The report uses the standard error to tell a change of
+    the rollouts' gold score from sampling noise."""
     if cfg.data.task != "tldr-synth":
         return None
     from rlhflab.data.tldr_synth import gold_scores
 
-    scores = gold_scores([x.post for x in prompts], [t.strip() for t in texts])
-    return float(sum(scores) / max(len(scores), 1))
+    scores = torch.tensor(gold_scores([x.post for x in prompts], [t.strip() for t in texts]), dtype=torch.float64)
+    if scores.numel() == 0:
+        return None
+    se = float(scores.std() / scores.numel() ** 0.5) if scores.numel() > 1 else float("nan")
+    return float(scores.mean()), se
 
 
 # ============================================================================= main
@@ -739,7 +744,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
             if is_main and p.gold_eval_every and (update % p.gold_eval_every == 0 or update == num_updates):
                 g = gold_score(cfg, batch_prompts, rollout.response_texts)
                 if g is not None:
-                    metrics["gold/score"] = gold_last = g
+                    metrics["gold/score"], metrics["gold/score_se"] = g
+                    gold_last = g[0]
             last = metrics
             if update % p.log_every == 0 or update == num_updates:
                 logger.log(update, metrics)
