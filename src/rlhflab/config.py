@@ -104,7 +104,7 @@ class RewardSourceConfig(_Section):
 
 
 class RewardConfig(_Section):
-    sources: list[RewardSourceConfig] = F([RewardSourceConfig()], "Reward of PPO (and the 'rm' judge of eval): the weighted sum of these sources; default: the trained RM alone. One line for the gold judge: reward.sources=[{kind: gold}].", min_length=1)
+    sources: list[RewardSourceConfig] = F([RewardSourceConfig()], "Reward of PPO (and the 'rm' judge of eval): the weighted sum of these sources; default: the trained RM alone. One line for the gold judge: reward.sources=[{kind: gold}]. Empty only with in-memory reward functions (Python API).")
 
 
 # --------------------------------------------------------------------------- stages

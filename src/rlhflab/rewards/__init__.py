@@ -170,6 +170,8 @@ def build_reward(cfg, device: torch.device, functions: Sequence[tuple[float, Rew
     from rlhflab.models.sources import reward_model_dir
 
     specs = cfg.reward.sources
+    if not specs and not functions:
+        raise RewardError("reward.sources is empty: name at least one source, e.g. reward.sources=[{kind: rm}]")
     if not functions and len(specs) == 1 and specs[0].kind == "rm" and specs[0].weight == 1.0 and not specs[0].path:
         rm = RewardModel.from_pretrained(reward_model_dir(cfg), device=device)
         rm.model.requires_grad_(False)
