@@ -93,13 +93,13 @@ from rlhflab.monitor import KLMonitor, verdict_code
 from rlhflab.rewards import reward_modules, score as score_rewards
 from rlhflab.runtime import (
     CheckpointManager,
-    MetricsLogger,
     atomic_save_dir,
     progress,
     rng_state,
     seed_everything,
     write_json,
 )
+from rlhflab.trackers import make_logger, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -673,7 +673,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
             ckpts.save(step, write)
         accelerator.wait_for_everyone()
 
-    logger = MetricsLogger(stage_dir, tb_dir, enabled=is_main, resume_step=start if latest is not None else None)
+    logger = make_logger(cfg, "ppo", stage_dir, tb_dir, enabled=is_main, resume_step=start if latest is not None else None)
     bar = progress(num_updates * p.batch_size, "ppo", enabled=is_main, unit="ep")
     bar.update(start * p.batch_size)
     monitor = KLMonitor(p.kl_monitor, write=bar.write if is_main else None)
@@ -740,6 +740,9 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
             last = metrics
             if update % p.log_every == 0 or update == num_updates:
                 logger.log(update, metrics)
+            if p.sample_table_every and update % p.sample_table_every == 0:
+                logger.log_table(update, sample_rows(batch_prompts, rollout.response_texts, rollout.scores.tolist(),
+                                                     p.sample_table_rows))
             bar.update(p.batch_size)
             bar.set_postfix({"ep/s": f"{metrics['perf/episodes_per_s']:.1f}", "kl": f"{metrics['objective/kl']:.2f}",
                              "score": f"{metrics['objective/scores']:.3f}"})
