@@ -218,7 +218,7 @@ class RunConfig(_Section):
     ppo: PPOConfig = F(PPOConfig(), "PPO.")
     eval: EvalConfig = F(EvalConfig(), "Evaluation.")
     reward: RewardConfig = F(RewardConfig(), "Reward sources of PPO.")
-    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = F(["tensorboard"], "Experiment trackers (through accelerate) besides metrics.jsonl; offline modes via each tracker's env vars (WANDB_MODE=offline, MLFLOW_TRACKING_URI=file:...).")
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = F(["tensorboard"], "Experiment trackers besides metrics.jsonl (rlhflab.trackers): tensorboard, and through accelerate wandb (offline: WANDB_MODE=offline), trackio (local), mlflow (default: file store <out_dir>/mlruns, or MLFLOW_TRACKING_URI).")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
@@ -384,6 +384,14 @@ def describe(node: Optional[BaseModel] = None, prefix: str = "") -> list[tuple[s
         value = getattr(node, name)
         if isinstance(value, BaseModel):
             rows.extend(describe(value, key + "."))
+            continue
+        item = getattr(f.annotation, "__args__", (None,))[0]
+        if isinstance(value, list) and isinstance(item, type) and issubclass(item, BaseModel):
+            # a list of sections (reward.sources): the value compactly, then each item key with its doc
+            shown = [{"kind": v.kind, **v.model_dump(exclude_defaults=True)} if hasattr(v, "kind") else v.model_dump(exclude_defaults=True)
+                     for v in value]
+            rows.append((key, f"list[{item.__name__}]", repr(shown), f.description or ""))
+            rows.extend(describe(item(), key + "[]."))  # item defaults, for the docs
             continue
         rows.append((key, _type_name(f.annotation), repr(value), f.description or ""))
     return rows

@@ -134,7 +134,7 @@ def make_logger(cfg, stage: str, stage_dir, tb_dir, enabled: bool = True, resume
     if trackers:
         from rlhflab.config import describe
 
-        flat = {key: value for key, _, value, _ in describe(cfg)}
+        flat = {key: value for key, _, value, _ in describe(cfg) if "[]" not in key}  # [] rows document item defaults
         for t in trackers:
             t.store_init_configuration(flat)
     return TrackedLogger(stage_dir, tb_dir if "tensorboard" in cfg.report_to else None, enabled=enabled,
