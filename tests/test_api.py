@@ -84,3 +84,39 @@ def test_in_memory_prompts_model_and_reward(tmp_path):
     assert (tmp_path / "mem" / "inputs" / "sft.jsonl").read_text().count("\n") == 16
     with pytest.raises(ValueError, match="needs its tokenizer"):
         rlhflab.ppo("smoke", {"out_dir": str(tmp_path), "name": "mem2"}, policy=policy)
+
+
+def pref_rows(rows):
+    """Comparisons (openai/summarize_from_feedback schema) on the SFT posts: reference vs a reversed copy."""
+    out = []
+    for i, r in enumerate(rows):
+        good, bad = r["summary"], " ".join(reversed(r["summary"].split())) + " sorry"
+        summaries = [{"text": good}, {"text": bad}] if i % 2 else [{"text": bad}, {"text": good}]
+        out.append({"info": {"id": r["id"], "subreddit": r["subreddit"], "title": r["title"], "post": r["post"]},
+                    "summaries": summaries, "choice": i % 2})
+    return out
+
+
+def test_every_stage_from_in_memory_models_and_datasets(tmp_path):
+    """SFT from an in-memory causal LM, the RM from a saved HF folder, PPO from the run's outputs --
+    all on in-memory rows in the TL;DR schemas."""
+    from rlhflab.config import ArchConfig
+    from rlhflab.models.policy import build_policy
+
+    tok = make_tokenizer()
+    model = build_policy(tok, arch=ArchConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                              max_position_embeddings=128), seed=0)
+    rows = sft_rows(32, seed=1)
+    base = {"out_dir": str(tmp_path), "name": "mem", "data.max_query_length": 64, "data.response_length": 6,
+            "sft.batch_size": 8, "sft.micro_batch_size": 8, "sft.epochs": 1, "sft.eval_samples": 2,
+            "rm.batch_size": 8, "rm.micro_batch_size": 8, "rm.epochs": 1, "rm.max_length": 128,
+            "ppo.total_episodes": 16, "ppo.batch_size": 8, "ppo.micro_batch_size": 8, "ppo.gold_eval_every": 0}
+    sft = rlhflab.sft("smoke", base, model=model, tokenizer=tok, dataset={"train": rows, "validation": rows[:8]})
+    saved = tmp_path / "mem" / "inputs" / "policy"
+    assert (saved / "config.json").is_file() and (tmp_path / "mem" / "inputs" / "sft" / "validation.jsonl").is_file()
+    # data.task=tldr: the policy's tokenizer (which cuts the queries) is named like any other model
+    rm = rlhflab.train_reward_model("smoke", {**base, "model.tokenizer": sft["policy_dir"]}, model=sft["policy_dir"],
+                                    dataset=pref_rows(rows), prompts=rows)
+    assert rm["rm/backbone_source"] == sft["policy_dir"]
+    result = rlhflab.ppo("smoke", base, prompts=rows)
+    assert result["update"] == 2 and result["critic"] == "reward"
