@@ -70,6 +70,13 @@ def test_missing_external_folder_names_the_key(tpl, tmp_path):
         ppo.load_ppo_models(cfg, torch.device("cpu"))
 
 
+def test_hub_name_offline_is_a_clear_error(tpl, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = make_run(tpl, tmp_path, "hub", "model.sft_policy=nobody/no-such-model", copy=False)
+    with pytest.raises(StageError, match="model.sft_policy=nobody/no-such-model: cannot fetch it from the Hugging Face hub"):
+        ppo.load_ppo_models(cfg, torch.device("cpu"))
+
+
 # ------------------------------------------------------------------- Python functions
 def test_function_rewards_weighted_and_summed(tpl, tmp_path):
     cfg = external(tpl, tmp_path, "fn", 'reward.sources=[{kind: function, path: "reward_fns:n_words", weight: 0.5},'

@@ -211,7 +211,8 @@ def _eval_reward(cfg: RunConfig, reward_path: Optional[str], device: torch.devic
     if reward_path:
         return RewardModel.from_pretrained(reward_path, device=device), reward_path
     default = RunConfig().reward
-    if cfg.reward != default or cfg.model.reward_model:
+    # (empty sources: a Python-API PPO run whose reward lived in memory -> the run's RM, as by default)
+    if cfg.reward.sources and cfg.reward != default or cfg.model.reward_model:
         reward = build_reward(cfg, device)
         return reward, ", ".join(reward.names) if isinstance(reward, Reward) else str(reward_model_dir(cfg))
     rm_dir = Path(cfg.run_dir) / "rm" / "reward"

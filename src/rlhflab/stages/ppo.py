@@ -88,7 +88,7 @@ from rlhflab.algos.logprobs import logprobs_and_entropy_from_logits
 from rlhflab.config import BatchSizes, PPOConfig, RunConfig, derive_batch, save_config
 from rlhflab.errors import StageError
 from rlhflab.models.policy import fuse_gelu, load_policy, load_tokenizer, position_ids_from_mask
-from rlhflab.models.reward import RewardModel, build_critic, is_decoder_rm, token_scores
+from rlhflab.models.reward import build_critic, is_decoder_rm, token_scores
 from rlhflab.monitor import KLMonitor, verdict_code
 from rlhflab.rewards import reward_modules, score as score_rewards
 from rlhflab.runtime import (
