@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("sft", "rm", "ppo"):
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
         p.set_defaults(func=_stage(module))
+        if name == "eval":
+            p.add_argument("--policy", action="append", default=[], metavar="[NAME=]DIR",
+                           help="also evaluate this HF policy folder (repeatable; named after the folder unless NAME= is given)")
+            p.add_argument("--only", action="store_true", help="evaluate only the --policy folders, not <run>/sft and <run>/ppo")
+            p.add_argument("--reward", metavar="DIR", help="reward model folder of the 'rm' judge (default: reward.sources / <run>/rm/reward)")
+            p.set_defaults(func=_cmd_eval)
 
     p_run = sub.add_parser("run", help="the whole pipeline: data -> sft -> rm -> ppo -> eval -> report",
                            description="Runs every stage, skipping finished ones (resumable stage by stage), and writes <run>/summary.json and <run>/report.html.",
@@ -169,6 +175,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"out_dir={args.out}")
     summary = run_pipeline(load_config(args.config, overrides), seeds=args.seeds)
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    cfg = _cfg(args)  # validate before importing torch-heavy stage code
+    from rlhflab.stages.evaluate import main as evaluate, policy_names
+
+    result = evaluate(cfg, policies=policy_names(args.policy), include_defaults=not args.only, reward_path=args.reward)
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 

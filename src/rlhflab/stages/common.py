@@ -200,7 +200,10 @@ def micro_batches(items: list, micro_batch_size: int) -> list[list]:
 
 # -------------------------------------------------------------------- run folders
 def stage_dirs(cfg: RunConfig, stage: str) -> tuple[Path, Path]:
-    """``(<run>/<stage>, <run>/tb/<stage>)``."""
+    """``(<run>/<stage>, <run>/tb/<stage>)``; refuses a ``report_to`` tracker that is not installed, before any compute."""
+    from rlhflab.trackers import check_trackers
+
+    check_trackers(cfg.report_to)
     return cfg.run_dir / stage, cfg.run_dir / "tb" / stage
 
 

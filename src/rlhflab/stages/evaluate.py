@@ -200,6 +200,49 @@ def _compare(a: str, b: str, judge: str, outcomes: np.ndarray, len_a: Sequence[f
             "losses": int((outcomes == 0).sum()), "ties": int((outcomes == 0.5).sum()), "n": int(outcomes.size)}
 
 
+def _eval_reward(cfg: RunConfig, reward_path: Optional[str], device: torch.device) -> tuple[Any, Any]:
+    """The 'rm' judge: ``reward_path``, else ``reward.sources`` when they are not the default
+    (functions, remote RMs, the gold judge: :func:`rlhflab.rewards.build_reward`), else the trained
+    RM at ``model.reward_model`` or ``<run>/rm/reward``. Returns (reward or None, what it is)."""
+    from rlhflab.models.reward import RewardModel
+    from rlhflab.models.sources import reward_model_dir
+    from rlhflab.rewards import Reward, build_reward
+
+    if reward_path:
+        return RewardModel.from_pretrained(reward_path, device=device), reward_path
+    default = RunConfig().reward
+    # (empty sources: a Python-API PPO run whose reward lived in memory -> the run's RM, as by default)
+    if cfg.reward.sources and cfg.reward != default or cfg.model.reward_model:
+        reward = build_reward(cfg, device)
+        return reward, ", ".join(reward.names) if isinstance(reward, Reward) else str(reward_model_dir(cfg))
+    rm_dir = Path(cfg.run_dir) / "rm" / "reward"
+    if (rm_dir / "config.json").exists():
+        return RewardModel.from_pretrained(rm_dir, device=device), rm_dir
+    log.warning("no reward model at %s: RM scores are left out", rm_dir)
+    return None, rm_dir
+
+
+def policy_names(specs: Sequence[str]) -> dict[str, str]:
+    """``--policy`` values (``DIR`` or ``NAME=DIR``) -> {name: DIR}. A bare DIR is named after its
+    folder (``runs/x/ppo/policy`` -> ``ppo``: a folder called ``policy`` takes its parent's name);
+    repeated names get ``-2``, ``-3``, ..."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            path = spec
+            p = Path(spec.rstrip("/"))
+            name = p.parent.name if p.name == "policy" and p.parent.name else p.name
+        if not name or not path:
+            raise StageError(f"--policy {spec!r}: expected DIR or NAME=DIR")
+        base, k = name, 1
+        while name in out:
+            k += 1
+            name = f"{base}-{k}"
+        out[name] = path
+    return out
+
+
 # --------------------------------------------------------------------------------- main
 def main(cfg: RunConfig, policies: Optional[dict[str, str]] = None, include_defaults: bool = True,
          reward_path: Optional[str] = None, batch_size: Optional[int] = None, resume: bool = False) -> dict:
@@ -221,6 +264,7 @@ def main(cfg: RunConfig, policies: Optional[dict[str, str]] = None, include_defa
     from rlhflab.evaluation.signals import summarize_signals, words
     from rlhflab.evaluation.stats import bootstrap_ci, judge_agreement, pearson
     from rlhflab.models.generation import generate_texts
+    from rlhflab.rewards import score as score_rewards
 
     ev = cfg.eval
     batch_size = batch_size or ev.batch_size
@@ -287,21 +331,15 @@ def main(cfg: RunConfig, policies: Optional[dict[str, str]] = None, include_defa
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rm_dir = Path(reward_path) if reward_path else run_dir / "rm" / "reward"
-    rm = None
-    if (rm_dir / "config.json").exists():
-        from rlhflab.models.reward import RewardModel
-
-        rm = RewardModel.from_pretrained(rm_dir, device=device)
-    else:
-        log.warning("no reward model at %s: RM scores are left out", rm_dir)
+    rm, rm_dir = _eval_reward(cfg, reward_path, device)
     gold_on = cfg.data.task == "tldr-synth"
 
     # "reference" is scored like a policy (RM, gold, lengths, signals), but has no generation.
     all_texts = {"reference": references, **{nm: gen[nm]["texts"] for nm in names}}
     # The RM reads what it read in training and PPO: " {summary}" references, decoded policy responses.
     rm_inputs = {"reference": [e.response for e in examples], **{nm: gen[nm]["raw"] for nm in names}}
-    rm_scores = {nm: rm.score_texts(queries, txt, batch_size=batch_size).tolist() for nm, txt in rm_inputs.items()} if rm else {}
+    rm_scores = ({nm: score_rewards(rm, examples, txt, batch_size=batch_size).tolist() for nm, txt in rm_inputs.items()}
+                 if rm is not None else {})
     gold = {nm: _gold_totals(posts, txt) for nm, txt in all_texts.items()} if gold_on else {}
     n_words = {nm: [len(words(t)) for t in txt] for nm, txt in all_texts.items()}
 
@@ -385,7 +423,7 @@ def main(cfg: RunConfig, policies: Optional[dict[str, str]] = None, include_defa
     # 5. write --------------------------------------------------------------------------
     meta = {"split": ev.split, "data": label, "n_prompts": n, "n_prompts_requested": ev.n_prompts,
             "temperature": ev.temperature, "response_length": cfg.data.response_length, "seed": ev.seed,
-            "bootstrap": ev.bootstrap, "policies": chosen, "reward_model": str(rm_dir) if rm else None,
+            "bootstrap": ev.bootstrap, "policies": chosen, "reward_model": str(rm_dir) if rm is not None else None,
             "judges": judges, "entropy_definition": ENTROPY_DEFINITION, "lc_method": LC_METHOD,
             "comparison_order": COMPARISON_ORDER, "title_copy_threshold": ev.title_copy_threshold,
             "skipped_rows": skipped.total}

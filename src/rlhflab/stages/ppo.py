@@ -89,17 +89,18 @@ from rlhflab.algos.logprobs import logprobs_and_entropy_from_logits
 from rlhflab.config import BatchSizes, PPOConfig, RunConfig, derive_batch, save_config
 from rlhflab.errors import StageError
 from rlhflab.models.policy import fuse_gelu, load_policy, load_tokenizer, position_ids_from_mask
-from rlhflab.models.reward import RewardModel, build_critic, is_decoder_rm, token_scores
+from rlhflab.models.reward import build_critic, is_decoder_rm, token_scores
 from rlhflab.monitor import KLMonitor, verdict_code
+from rlhflab.rewards import reward_modules, score as score_rewards
 from rlhflab.runtime import (
     CheckpointManager,
-    MetricsLogger,
     atomic_save_dir,
     progress,
     rng_state,
     seed_everything,
     write_json,
 )
+from rlhflab.trackers import make_logger, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,14 @@ class PPOModels:
     """The four models of PPO and the policy's tokenizer.
 
     ``policy`` and ``critic`` are trained; ``ref_policy`` (the SFT policy) and ``reward`` are
-    frozen, in eval mode. ``reward`` reads text through its own tokenizer.
+    frozen, in eval mode. ``reward`` is the trained RM (reading text through its own tokenizer)
+    or any :class:`rlhflab.rewards.Reward` (functions, remote RMs, the gold judge).
     """
 
     policy: nn.Module
     ref_policy: nn.Module
     critic: nn.Module
-    reward: RewardModel
+    reward: Any  # RewardModel | rlhflab.rewards.Reward
     tokenizer: Any
 
 
@@ -332,9 +334,10 @@ def collect_rollout(models: PPOModels, prompts: Sequence[Any], first_episode: in
     logprobs = torch.where(response_mask, logprobs, torch.full_like(logprobs, INVALID_LOGPROB))
     ref_logprobs = torch.where(response_mask, ref_logprobs, torch.full_like(ref_logprobs, INVALID_LOGPROB))
 
-    # 4. Scores: the RM reads (query text, decoded response) through its own tokenizer, minus its bias.
+    # 4. Scores: the RM reads (query text, decoded response) through its own tokenizer, minus its bias
+    #    (or any other reward source: rlhflab.rewards).
     texts = tok.batch_decode(responses.cpu().tolist(), skip_special_tokens=True)
-    rm_scores = models.reward.score_texts([prompts[i].query for i in mine], texts, batch_size=fb).to(device)
+    rm_scores = score_rewards(models.reward, [prompts[i] for i in mine], texts, batch_size=fb).to(device)
     scores = rm_scores
     if eos is not None:  # Huang detail: no EOS within the budget -> fixed low score
         scores = apply_missing_eos(rm_scores, contains_eos, p.missing_eos, p.missing_eos_penalty)
@@ -539,23 +542,32 @@ def ppo_update(models: PPOModels, optimizer: torch.optim.Optimizer, scheduler, k
 
 
 # ========================================================================== loading
-def load_ppo_models(cfg: RunConfig, device: torch.device) -> tuple[PPOModels, str, str]:
-    """Policy and reference from ``<run>/sft/policy``, RM from ``<run>/rm/reward``, critic from
-    the RM (Huang) or a new value head on the SFT backbone. Returns (models, critic kind, note)."""
-    sft_dir, rm_dir = cfg.run_dir / "sft" / "policy", cfg.run_dir / "rm" / "reward"
-    for what, d, cmd in (("SFT policy", sft_dir, "sft"), ("reward model", rm_dir, "rm")):
-        if not (d / "config.json").is_file():
-            raise StageError(f"ppo needs the {what} at {d} (run `rlhflab {cmd}` with the same config first)")
+def load_ppo_models(cfg: RunConfig, device: torch.device, reward_fns: Sequence[tuple[float, Any]] = ()
+                    ) -> tuple[PPOModels, str, str]:
+    """Policy and reference from ``model.sft_policy`` (default ``<run>/sft/policy``), the reward
+    of ``reward.sources`` (default: the RM at ``model.reward_model`` or ``<run>/rm/reward``) plus
+    in-memory ``reward_fns`` ((weight, callable) pairs), critic from the RM (Huang) or a new
+    value head on the SFT backbone. Returns (models, critic kind, note)."""
+    from rlhflab.models.sources import sft_policy_dir
+    from rlhflab.rewards import build_reward, trained_rm, trained_rm_dir
+
+    sft_dir = sft_policy_dir(cfg)
+    reward = build_reward(cfg, device, reward_fns)
     tokenizer = load_tokenizer(sft_dir, padding_side="left")
     policy = load_policy(sft_dir).to(device)
     ref_policy = load_policy(sft_dir).to(device).eval().requires_grad_(False)
-    reward = RewardModel.from_pretrained(rm_dir, device=device)
-    reward.model.requires_grad_(False)
-    same_tokens = is_decoder_rm(reward.model) and reward.tokenizer.get_vocab() == tokenizer.get_vocab()
+    rm = trained_rm(reward)
+    rm_dir = trained_rm_dir(cfg, reward)
+    same_tokens = rm is not None and is_decoder_rm(rm.model) and rm.tokenizer.get_vocab() == tokenizer.get_vocab()
     critic_kind, note = cfg.model.critic, ""
-    if critic_kind == "reward" and not same_tokens:
+    if critic_kind == "reward" and rm is None:
+        note = ("model.critic=reward needs a trained RM among reward.sources; the reward here is "
+                f"{', '.join(reward.names)}, so the critic is a value head on a copy of the SFT policy (model.critic=policy)")
+        log.warning(note)
+        critic_kind = "policy"
+    elif critic_kind == "reward" and not same_tokens:
         note = (f"model.critic=reward needs an RM that reads the policy's tokens; the RM at {rm_dir} "
-                f"({type(reward.model).__name__}) has its own tokenizer, so the critic is a value head on a copy "
+                f"({type(rm.model).__name__}) has its own tokenizer, so the critic is a value head on a copy "
                 f"of the SFT policy (model.critic=policy)")
         log.warning(note)
         critic_kind = "policy"
@@ -577,7 +589,7 @@ def prepare_ppo_models(models: PPOModels) -> PPOModels:
     Attention stays transformers' default (``sdpa``): at the benchmark shape (gpt2 4x256,
     117 tokens, CPU, 1 thread) its forward+backward was ~3% faster than ``eager``.
     """
-    for model in (models.policy, models.ref_policy, models.critic, models.reward.model):
+    for model in (models.policy, models.ref_policy, models.critic, *reward_modules(models.reward)):
         fuse_gelu(model)
     return models
 
@@ -614,8 +626,11 @@ def gold_score(cfg: RunConfig, prompts: Sequence[Any], texts: Sequence[str]) -> 
 
 
 # ============================================================================= main
-def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
+def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: Sequence[tuple[float, Any]] = ()) -> dict:
     """Run (or resume) PPO; returns the final summary (also ``<run>/ppo/metrics.json``).
+
+    ``reward_fns``: in-memory (weight, callable) reward functions added to ``reward.sources``
+    (the Python API's way in: :func:`rlhflab.ppo`).
 
     ``resume``: continue from ``ppo/state/`` (fresh when none). ``force``: delete ``<run>/ppo``
     first. Without either, a finished stage is skipped and an unfinished one with a
@@ -652,7 +667,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
 
     # Models, prompts, optimizer (AdamW eps 1e-5 over policy + critic), linear LR anneal (Huang).
     seed_everything(p.seed)
-    models, critic_kind, critic_note = load_ppo_models(cfg, device)
+    models, critic_kind, critic_note = load_ppo_models(cfg, device, reward_fns)
     prompts = load_prompts(cfg, models.tokenizer)
     optimizer = make_optimizer(list(models.policy.parameters()) + list(models.critic.parameters()), p.optim,
                                fused=True)
@@ -681,7 +696,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
             ckpts.save(step, write)
         accelerator.wait_for_everyone()
 
-    logger = MetricsLogger(stage_dir, tb_dir, enabled=is_main, resume_step=start if latest is not None else None)
+    logger = make_logger(cfg, "ppo", stage_dir, tb_dir, enabled=is_main, resume_step=start if latest is not None else None)
     bar = progress(num_updates * p.batch_size, "ppo", enabled=is_main, unit="ep")
     bar.update(start * p.batch_size)
     monitor = KLMonitor(p.kl_monitor, write=bar.write if is_main else None)
@@ -749,6 +764,9 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
             last = metrics
             if update % p.log_every == 0 or update == num_updates:
                 logger.log(update, metrics)
+            if p.sample_table_every and update % p.sample_table_every == 0:
+                logger.log_table(update, sample_rows(batch_prompts, rollout.response_texts, rollout.scores.tolist(),
+                                                     p.sample_table_rows))
             bar.update(p.batch_size)
             bar.set_postfix({"ep/s": f"{metrics['perf/episodes_per_s']:.1f}", "kl": f"{metrics['objective/kl']:.2f}",
                              "score": f"{metrics['objective/scores']:.3f}"})

@@ -39,7 +39,8 @@ from rlhflab.data.tldr import load_preferences, load_split, tokenize_sft
 from rlhflab.errors import StageError
 from rlhflab.models.policy import count_parameters, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import RewardModel, build_reward_backbone, is_decoder_rm, minilm_path
-from rlhflab.runtime import CheckpointManager, MetricsLogger, atomic_save_dir, progress, seed_everything, write_json
+from rlhflab.runtime import CheckpointManager, atomic_save_dir, progress, seed_everything, write_json
+from rlhflab.trackers import make_logger
 from rlhflab.stages.common import (
     StopRequested,
     check_resume_config,
@@ -332,7 +333,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
         start_step, elapsed_before = restore_optimization(state, optimizer, scheduler)
     del state
 
-    logger = MetricsLogger(stage_dir, tb_dir, enabled=is_main, resume_step=start_step if start_step else None)
+    logger = make_logger(cfg, "rm", stage_dir, tb_dir, enabled=is_main, resume_step=start_step if start_step else None)
     stop_at = stop_after_step()
     device = accelerator.device
     bar = progress(total_steps, "rm", enabled=is_main)

@@ -40,7 +40,8 @@ from rlhflab.data.tldr import SFTExample, load_sft
 from rlhflab.errors import StageError
 from rlhflab.models.generation import generate_texts
 from rlhflab.models.policy import build_policy, count_parameters
-from rlhflab.runtime import CheckpointManager, MetricsLogger, atomic_save_dir, progress, seed_everything, write_json
+from rlhflab.runtime import CheckpointManager, atomic_save_dir, progress, seed_everything, write_json
+from rlhflab.trackers import make_logger
 from rlhflab.stages.common import (
     StopRequested,
     check_resume_config,
@@ -224,7 +225,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
         start_step, elapsed_before = restore_optimization(state, optimizer, scheduler)
     del state
 
-    logger = MetricsLogger(stage_dir, tb_dir, enabled=is_main, resume_step=start_step if start_step else None)
+    logger = make_logger(cfg, "sft", stage_dir, tb_dir, enabled=is_main, resume_step=start_step if start_step else None)
     stop_at = stop_after_step()
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
