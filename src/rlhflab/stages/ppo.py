@@ -565,14 +565,13 @@ def prepare_ppo_models(models: PPOModels) -> PPOModels:
 
 
 def load_prompts(cfg: RunConfig, tokenizer) -> list:
-    """The SFT train split's queries (Huang trains PPO on the SFT dataset's queries); SFTExamples."""
-    from rlhflab.data.tldr import load_sft
-    from rlhflab.stages.common import sft_source
+    """The SFT train split's queries (Huang trains PPO on the SFT dataset's queries); SFTExamples.
+    data.task=standard: the prompts of ``data.prompt_dataset`` (``data.formats.load_prompt_data``)."""
+    from rlhflab.data.formats import load_prompt_data
 
-    examples, _ = load_sft(sft_source(cfg), "train", tokenizer, cfg.data.max_query_length, cfg.data.response_length,
-                           cfg.data.skip_bad_rows)
+    examples, report = load_prompt_data(cfg, "train", tokenizer)
     if len(examples) < 1:
-        raise StageError(f"ppo: no usable prompts in the SFT train split of {sft_source(cfg)}")
+        raise StageError(f"ppo: no usable prompts in the train split of {report.file}")
     return examples
 
 
