@@ -743,14 +743,19 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
         logger.close()
         tok = models.tokenizer
 
-        def write_model(model):
+        from rlhflab.models.card import write_model_card
+
+        card = {k: last[k] for k in ("objective/kl", "objective/scores", "objective/rlhf_reward", "gold/score") if k in last}
+
+        def write_model(model, stage):
             def write(tmp: Path) -> None:
                 model.save_pretrained(tmp)
                 tok.save_pretrained(tmp)
+                write_model_card(tmp, cfg, stage, card, base_model=str(cfg.run_dir / "sft" / "policy"))
             return write
 
-        atomic_save_dir(stage_dir / "policy", write_model(models.policy))
-        atomic_save_dir(stage_dir / "value", write_model(models.critic))
+        atomic_save_dir(stage_dir / "policy", write_model(models.policy, "ppo"))
+        atomic_save_dir(stage_dir / "value", write_model(models.critic, "ppo-value"))
         wall = elapsed_before + time.time() - t_start
         history = [row for row in _read_metrics(stage_dir) if "objective/kl" in row]
         result = {

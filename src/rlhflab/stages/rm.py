@@ -38,6 +38,7 @@ from rlhflab.config import RunConfig, derive_batch, save_config
 from rlhflab.data.formats import load_preference_data, reference_texts
 from rlhflab.data.tldr import load_split, tokenize_sft
 from rlhflab.errors import StageError
+from rlhflab.models.card import write_model_card
 from rlhflab.models.policy import count_parameters, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import RewardModel, build_reward_backbone, is_decoder_rm, minilm_path
 from rlhflab.runtime import CheckpointManager, MetricsLogger, atomic_save_dir, progress, seed_everything, write_json
@@ -404,7 +405,11 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
         metrics, rows = evaluate_rm(rm, val, cfg, batch_size=2 * r.micro_batch_size)
         logger.log(total_steps, metrics)
         logger.close()
-        atomic_save_dir(stage_dir / "reward", rm.save)
+        def write_reward(tmp):
+            rm.save(tmp)
+            write_model_card(tmp, cfg, "rm", {**metrics, "rm/bias": rm.bias}, base_model=source)
+
+        atomic_save_dir(stage_dir / "reward", write_reward)
         with open(stage_dir / "eval_pairs.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

@@ -39,6 +39,7 @@ from rlhflab.data.collate import IGNORE_INDEX, sft_batch
 from rlhflab.data.formats import load_sft_data
 from rlhflab.data.tldr import SFTExample
 from rlhflab.errors import StageError
+from rlhflab.models.card import write_model_card
 from rlhflab.models.generation import generate_texts
 from rlhflab.models.policy import build_policy, count_parameters
 from rlhflab.runtime import CheckpointManager, MetricsLogger, atomic_save_dir, progress, seed_everything, write_json
@@ -300,6 +301,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
         def write_policy(tmp):
             raw_model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            write_model_card(tmp, cfg, "sft", metrics, base_model=cfg.model.policy)
 
         atomic_save_dir(stage_dir / "policy", write_policy)
         with open(stage_dir / "eval_samples.jsonl", "w") as f:
