@@ -95,6 +95,13 @@ def check_outputs(cfg, out):
         assert card.startswith("---\nlibrary_name: transformers\n") and "data.task: `standard`" in card
     assert f"bias = {r['rm/bias']}" in (cfg.run_dir / "rm" / "reward" / "README.md").read_text()
     assert f"| eval/rougeL | {s['eval/rougeL']:.4g} |" in (cfg.run_dir / "sft" / "policy" / "README.md").read_text()
+    # the README's helper: RewardModel.score_texts applies the bias stored with the model
+    from rlhflab.models.reward import RewardModel
+
+    rm = RewardModel.from_pretrained(cfg.run_dir / "rm" / "reward")
+    assert rm.bias == pytest.approx(r["rm/bias"])
+    q, resp = ["w1 w2 w3"], [" w4 w5"]
+    assert rm.score_texts(q, resp).item() == pytest.approx(rm.score_texts(q, resp, normalize=False).item() - rm.bias)
     from rlhflab.report.html import render_report
 
     assert "<html" in render_report(cfg.run_dir).read_text()

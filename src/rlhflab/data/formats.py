@@ -405,7 +405,7 @@ def load_sft_data(cfg, split: str, tokenizer) -> tuple[list[SFTExample], SkipRep
         return load_standard(cfg, "sft", split, tokenizer)
     from rlhflab.stages.common import sft_source
 
-    return load_sft(sft_source(cfg), split_name(cfg, split), tokenizer, cfg.data.max_query_length,
+    return load_sft(sft_source(cfg), split, tokenizer, cfg.data.max_query_length,
                     cfg.data.response_length, cfg.data.skip_bad_rows)
 
 
@@ -415,7 +415,7 @@ def load_preference_data(cfg, split: str, tokenizer) -> tuple[list[PrefExample],
         return load_standard(cfg, "preference", split, tokenizer)
     from rlhflab.stages.common import preference_source
 
-    return load_preferences(preference_source(cfg), split_name(cfg, split), tokenizer, cfg.data.max_query_length,
+    return load_preferences(preference_source(cfg), split, tokenizer, cfg.data.max_query_length,
                             cfg.data.response_length, cfg.data.skip_bad_rows, cfg.data.max_pref_response_length)
 
 
