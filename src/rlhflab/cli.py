@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
             The default config runs the built-in known-answer task tldr-synth on a CPU in minutes."""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from rlhflab import __version__
+
+    parser.add_argument("--version", action="version", version=f"rlhflab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     # data
@@ -158,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body accepted")
     p_serve.set_defaults(func=_cmd_serve)
 
+    p_env = sub.add_parser("env", help="print versions, devices, CPU flags and threads (paste it into bug reports)")
+    p_env.add_argument("--json", action="store_true", help="machine-readable output")
+    p_env.set_defaults(func=_cmd_env)
+
     p_cfg = sub.add_parser("config", help="show config keys with types, defaults and docs")
     cfg_sub = p_cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
     p_show = cfg_sub.add_parser("show", help="list every key (or --resolved: print the resolved YAML)")
@@ -187,7 +194,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_env(args: argparse.Namespace) -> int:
+    from rlhflab.envinfo import collect, format_text
+
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rlhflab.errors import StageError
+
+    if not Path(args.run_dir).is_dir():
+        raise StageError(f"run directory not found: {args.run_dir} (pass a folder written by `rlhflab run`, "
+                         "e.g. runs/tldr-synth)")
     from rlhflab.report.html import render_report
 
     path = render_report(args.run_dir, out=args.out)
@@ -196,6 +218,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from rlhflab.extras import require
+
+    require("serve")
     from rlhflab.serve.app import serve
 
     serve(policy=args.policy, reward=args.reward, host=args.host, port=args.port, api_key_env=args.api_key_env,
@@ -222,6 +247,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("rlhflab: interrupted", file=sys.stderr)
         return 130
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # A path the user gave (or a folder they cannot write): a message, not a traceback.
+        print(f"rlhflab: error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # user-facing errors from the data layer and stages
         # Errors defined by rlhflab (DataError, JudgeError, StageError, ...) are messages for the
         # user, not bugs: print them without a traceback. Anything else is a bug and propagates.

@@ -28,6 +28,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def did_you_mean(name: str, known: Any, n: int = 1) -> str:
+    """``" (did you mean 'x'?)"`` for the ``n`` closest of ``known`` (difflib), or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=n, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
 def F(default: Any, doc: str, **kw: Any) -> Any:  # noqa: N802 - short on purpose, used for every field
     return Field(default, description=doc, **kw)
 
@@ -45,16 +53,35 @@ class SynthConfig(_Section):
     vocab_size: int = F(2048, "Vocabulary size of the byte-level BPE tokenizer trained on the corpus (>= 258: 256 bytes + pad + eos).", ge=258)
 
 
+# Canonical column names of TRL's standard dataset formats (data.task=standard), see data/formats.py.
+STANDARD_COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages", "id")
+SPLIT_NAMES = ("train", "validation", "test")
+
+
 class DataConfig(_Section):
-    task: Literal["tldr-synth", "tldr"] = F("tldr-synth", "'tldr-synth': the built-in known-answer task; 'tldr': real TL;DR data (HF names or local files).")
+    task: Literal["tldr-synth", "tldr", "standard"] = F("tldr-synth", "'tldr-synth': the built-in known-answer task; 'tldr': real TL;DR data (HF names or local files); 'standard': TRL's dataset formats (prompt / prompt+completion / prompt+chosen+rejected / messages, plain or conversational), see data/formats.py.")
     dir: Optional[str] = F(None, "tldr-synth: where the generated data lives (default: <run>/data).")
-    sft_dataset: str = F("vwxyzjn/summarize_from_feedback_tldr_3_filtered", "tldr: HF dataset name, or a local parquet/jsonl/arrow file or folder, with columns id,subreddit,title,post,summary.")
-    preference_dataset: str = F("openai/summarize_from_feedback", "tldr: HF dataset name or local file/folder in the 'comparisons' schema (info, summaries, choice).")
+    sft_dataset: str = F("vwxyzjn/summarize_from_feedback_tldr_3_filtered", "tldr: HF dataset name, or a local parquet/jsonl/arrow file or folder, with columns id,subreddit,title,post,summary; standard: prompt+completion or messages rows.")
+    preference_dataset: str = F("openai/summarize_from_feedback", "tldr: HF dataset name or local file/folder in the 'comparisons' schema (info, summaries, choice); standard: prompt+chosen+rejected or chosen+rejected rows.")
     max_query_length: int = F(512, "Query token budget; the post is cut at its last newline until the query fits (Huang detail).", ge=16)
     response_length: int = F(53, "Response token budget (reference summaries, PPO sampling).", ge=1)
     max_pref_response_length: Optional[int] = F(None, "Longest chosen/rejected in tokens incl. EOS for RM training; default 2 x response_length (SFD uses 169 for real TL;DR).", ge=1)
     skip_bad_rows: bool = F(False, "Skip malformed rows (counted and reported) instead of failing on the first.")
     synth: SynthConfig = F(SynthConfig(), "Generator settings for tldr-synth.")
+    format: Literal["auto", "standard", "conversational"] = F("auto", "standard task: 'auto' accepts both per field (strings: standard, lists of {role, content}: conversational); or require one.")
+    prompt_dataset: Optional[str] = F(None, "standard task: PPO prompts (any format with a prompt, or implicit-prompt preferences); default data.sft_dataset.")
+    columns: dict[str, str] = F({}, "standard task: column mapping {canonical: your column}, canonical one of prompt, completion, chosen, rejected, messages, id; e.g. {prompt: question, completion: answer}.")
+    splits: dict[str, str] = F({}, "standard task: split names {train|validation|test: your split}, e.g. {validation: test}; for a folder, the file stem.")
+    chat_template: Optional[str] = F(None, "standard task: Jinja chat template (text, or a path to a .jinja file) for conversational data when the tokenizer has none.")
+
+    @model_validator(mode="after")
+    def _known_names(self) -> "DataConfig":
+        for field, known in (("columns", STANDARD_COLUMNS), ("splits", SPLIT_NAMES)):
+            for key in getattr(self, field):
+                if key not in known:
+                    hint = did_you_mean(key, known)
+                    raise ValueError(f"data.{field}: unknown name '{key}'{hint} (known: {', '.join(known)})")
+        return self
 
 
 # ---------------------------------------------------------------------------- model
@@ -355,12 +382,27 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            lines.append(f"  {key}: unknown key{did_you_mean(key, known_keys())}")
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"  {key}: {e['msg']}{got_s}")
     return "\n".join(lines)
+
+
+def known_keys() -> list[str]:
+    """Every dotted key of the config tree, sections included (``sft``, ``sft.optim``, ``sft.optim.lr``)."""
+    keys: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            keys.append(prefix + name)
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, prefix + name + ".")
+
+    walk(RunConfig, "")
+    return keys
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:

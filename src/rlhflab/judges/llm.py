@@ -33,7 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-import httpx
+from rlhflab.extras import require
+
+require("judge")  # httpx: pip install 'rlhflab[judge]'
+import httpx  # noqa: E402
 
 __all__ = ["Verdict", "JudgeError", "JudgeStats", "LLMJudge", "parse_verdict", "build_messages"]
 

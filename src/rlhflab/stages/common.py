@@ -109,7 +109,7 @@ def tokenizer_path(cfg: RunConfig) -> str:
         return cfg.model.policy
     if cfg.data.task == "tldr-synth":
         return str(data_root(cfg) / "tokenizer")
-    raise StageError("data.task=tldr needs model.policy (an HF causal LM) or model.tokenizer")
+    raise StageError(f"data.task={cfg.data.task} needs model.policy (an HF causal LM) or model.tokenizer")
 
 
 def policy_tokenizer(cfg: RunConfig, padding_side: str = "right"):

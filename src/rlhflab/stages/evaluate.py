@@ -288,13 +288,23 @@ def main(cfg: RunConfig, policies: Optional[dict[str, str]] = None, include_defa
     from rlhflab.stages.common import sft_source
 
     source = sft_source(cfg)
+    standard = cfg.data.task == "standard"  # TRL formats: references = the completions; no gold judge, no titles
     try:
-        rows, label = load_split(source, ev.split, "sft", skip_bad_rows=cfg.data.skip_bad_rows)
-        first_model, first_tok = _load_policy_and_tokenizer(names[0], chosen[names[0]], cfg, device)
-        examples, skipped = tokenize_sft(rows, first_tok, cfg.data.max_query_length, cfg.data.response_length,
-                                         label, skip_bad_rows=cfg.data.skip_bad_rows)
+        if standard:
+            from rlhflab.data.formats import load_sft_data
+
+            first_model, first_tok = _load_policy_and_tokenizer(names[0], chosen[names[0]], cfg, device)
+            examples, skipped = load_sft_data(cfg, ev.split, first_tok)
+            label = skipped.file
+        else:
+            rows, label = load_split(source, ev.split, "sft", skip_bad_rows=cfg.data.skip_bad_rows)
+            first_model, first_tok = _load_policy_and_tokenizer(names[0], chosen[names[0]], cfg, device)
+            examples, skipped = tokenize_sft(rows, first_tok, cfg.data.max_query_length, cfg.data.response_length,
+                                             label, skip_bad_rows=cfg.data.skip_bad_rows)
     except DataError as e:
-        raise StageError(f"evaluation data: {e}") from None
+        hint = (" (evaluation reads the SFT dataset's eval.split and needs reference completions: "
+                "prompt+completion or messages)") if standard else ""
+        raise StageError(f"evaluation data: {e}{hint}") from None
     if not examples:
         raise StageError(f"{label}: no usable posts in the '{ev.split}' split")
     n = min(ev.n_prompts, len(examples))
@@ -302,7 +312,7 @@ def main(cfg: RunConfig, policies: Optional[dict[str, str]] = None, include_defa
         log.warning("eval.n_prompts=%d but %s has %d usable posts: evaluating %d", ev.n_prompts, label, len(examples), n)
     examples = examples[:n]  # the first n posts in file order: the same posts for every policy
     posts = [e.post for e in examples]
-    titles = [e.title for e in examples]
+    titles = None if standard else [e.title for e in examples]
     queries = [e.query for e in examples]  # query text as the RM reads it (truncated post)
     references = [e.response.strip() for e in examples]
 
@@ -312,7 +322,12 @@ def main(cfg: RunConfig, policies: Optional[dict[str, str]] = None, include_defa
     for k, name in enumerate(names):
         model, tok = (first_model, first_tok) if k == 0 else _load_policy_and_tokenizer(name, chosen[name], cfg, device)
         try:
-            q_ids = [build_query_ids(tok, e.subreddit, e.title, e.post, cfg.data.max_query_length) for e in examples]
+            if standard:  # the query text rendered once (first policy's chat template), re-encoded per tokenizer
+                from rlhflab.data.formats import query_ids
+
+                q_ids = [query_ids(tok, e, cfg.data.max_query_length) for e in examples]
+            else:
+                q_ids = [build_query_ids(tok, e.subreddit, e.title, e.post, cfg.data.max_query_length) for e in examples]
         except DataError as e:
             raise StageError(f"policy '{name}': {e}") from None
         seed_everything(ev.seed)  # same seed per policy: identical policies give identical summaries

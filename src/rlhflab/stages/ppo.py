@@ -595,14 +595,13 @@ def prepare_ppo_models(models: PPOModels) -> PPOModels:
 
 
 def load_prompts(cfg: RunConfig, tokenizer) -> list:
-    """The SFT train split's queries (Huang trains PPO on the SFT dataset's queries); SFTExamples."""
-    from rlhflab.data.tldr import load_sft
-    from rlhflab.stages.common import sft_source
+    """The SFT train split's queries (Huang trains PPO on the SFT dataset's queries); SFTExamples.
+    data.task=standard: the prompts of ``data.prompt_dataset`` (``data.formats.load_prompt_data``)."""
+    from rlhflab.data.formats import load_prompt_data
 
-    examples, _ = load_sft(sft_source(cfg), "train", tokenizer, cfg.data.max_query_length, cfg.data.response_length,
-                           cfg.data.skip_bad_rows)
+    examples, report = load_prompt_data(cfg, "train", tokenizer)
     if len(examples) < 1:
-        raise StageError(f"ppo: no usable prompts in the SFT train split of {sft_source(cfg)}")
+        raise StageError(f"ppo: no usable prompts in the train split of {report.file}")
     return examples
 
 
@@ -786,14 +785,19 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
         logger.close()
         tok = models.tokenizer
 
-        def write_model(model):
+        from rlhflab.models.card import write_model_card
+
+        card = {k: last[k] for k in ("objective/kl", "objective/scores", "objective/rlhf_reward", "gold/score") if k in last}
+
+        def write_model(model, stage):
             def write(tmp: Path) -> None:
                 model.save_pretrained(tmp)
                 tok.save_pretrained(tmp)
+                write_model_card(tmp, cfg, stage, card, base_model=str(cfg.run_dir / "sft" / "policy"))
             return write
 
-        atomic_save_dir(stage_dir / "policy", write_model(models.policy))
-        atomic_save_dir(stage_dir / "value", write_model(models.critic))
+        atomic_save_dir(stage_dir / "policy", write_model(models.policy, "ppo"))
+        atomic_save_dir(stage_dir / "value", write_model(models.critic, "ppo-value"))
         wall = elapsed_before + time.time() - t_start
         history = [row for row in _read_metrics(stage_dir) if "objective/kl" in row]
         result = {

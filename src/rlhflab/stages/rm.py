@@ -35,8 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from rlhflab.config import RunConfig, derive_batch, save_config
-from rlhflab.data.tldr import load_preferences, load_split, tokenize_sft
+from rlhflab.data.formats import load_preference_data, reference_texts
+from rlhflab.data.tldr import load_split, tokenize_sft
 from rlhflab.errors import StageError
+from rlhflab.models.card import write_model_card
 from rlhflab.models.policy import count_parameters, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import RewardModel, build_reward_backbone, is_decoder_rm, minilm_path
 from rlhflab.runtime import CheckpointManager, atomic_save_dir, progress, seed_everything, write_json
@@ -54,7 +56,6 @@ from rlhflab.stages.common import (
     micro_batches,
     num_steps,
     policy_tokenizer,
-    preference_source,
     prepare_stage_dir,
     process_slice,
     save_train_state,
@@ -262,16 +263,20 @@ def evaluate_rm(rm: RewardModel, pairs: Sequence, cfg: RunConfig, batch_size: in
 
 
 def reference_bias(rm: RewardModel, cfg: RunConfig, tokenizer, n: int = 256, batch_size: int = 64) -> float:
-    """Mean raw score of (query, " {reference summary}") over the first ``n`` SFT train posts."""
-    rows, label = load_split(sft_source(cfg), "train", "sft", skip_bad_rows=True)
-    examples, _ = tokenize_sft(rows[: 2 * n], tokenizer, cfg.data.max_query_length, cfg.data.response_length,
-                               label, skip_bad_rows=True)
-    examples = examples[:n]
-    if not examples:
+    """Mean raw score of (query, " {reference summary}") over the first ``n`` SFT train posts
+    (data.task=standard: SFT completions, else chosen responses, ``data.formats.reference_texts``)."""
+    if cfg.data.task == "standard":
+        queries, responses, label = reference_texts(cfg, tokenizer, n)
+    else:
+        rows, label = load_split(sft_source(cfg), "train", "sft", skip_bad_rows=True)
+        examples, _ = tokenize_sft(rows[: 2 * n], tokenizer, cfg.data.max_query_length, cfg.data.response_length,
+                                   label, skip_bad_rows=True)
+        queries, responses = [e.query for e in examples[:n]], [e.response for e in examples[:n]]
+    if not queries:
         raise StageError(f"{label}: no usable SFT reference summaries to compute the reward bias from")
     was_training = rm.model.training
     rm.model.eval()
-    scores = rm.score_texts([e.query for e in examples], [e.response for e in examples], batch_size=batch_size, normalize=False)
+    scores = rm.score_texts(queries, responses, batch_size=batch_size, normalize=False)
     rm.model.train(was_training)
     return float(scores.double().mean())
 
@@ -301,12 +306,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
     # 2. Data as texts: queries truncated with the policy tokenizer (what PPO will show). ------
     ensure_data(cfg, progress=is_main)
     policy_tok = policy_tokenizer(cfg)
-    train, train_skips = load_preferences(preference_source(cfg), "train", policy_tok, cfg.data.max_query_length,
-                                          cfg.data.response_length, cfg.data.skip_bad_rows,
-                                          cfg.data.max_pref_response_length)
-    val, val_skips = load_preferences(preference_source(cfg), "validation", policy_tok, cfg.data.max_query_length,
-                                      cfg.data.response_length, cfg.data.skip_bad_rows,
-                                      cfg.data.max_pref_response_length)
+    train, train_skips = load_preference_data(cfg, "train", policy_tok)  # data.task dispatch: TL;DR or TRL formats
+    val, val_skips = load_preference_data(cfg, "validation", policy_tok)
     total_steps = num_steps(len(train), r.batch_size, r.epochs)
     if total_steps < 1:
         raise StageError(f"rm: {len(train)} usable train comparisons x rm.epochs={r.epochs} is less than one batch "
@@ -405,7 +406,11 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
         metrics, rows = evaluate_rm(rm, val, cfg, batch_size=2 * r.micro_batch_size)
         logger.log(total_steps, metrics)
         logger.close()
-        atomic_save_dir(stage_dir / "reward", rm.save)
+        def write_reward(tmp):
+            rm.save(tmp)
+            write_model_card(tmp, cfg, "rm", {**metrics, "rm/bias": rm.bias}, base_model=source)
+
+        atomic_save_dir(stage_dir / "reward", write_reward)
         with open(stage_dir / "eval_pairs.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

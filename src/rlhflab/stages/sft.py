@@ -36,8 +36,10 @@ import torch.nn.functional as F
 
 from rlhflab.config import RunConfig, derive_batch, save_config
 from rlhflab.data.collate import IGNORE_INDEX, sft_batch
-from rlhflab.data.tldr import SFTExample, load_sft
+from rlhflab.data.formats import load_sft_data
+from rlhflab.data.tldr import SFTExample
 from rlhflab.errors import StageError
+from rlhflab.models.card import write_model_card
 from rlhflab.models.generation import generate_texts
 from rlhflab.models.policy import build_policy, count_parameters
 from rlhflab.runtime import CheckpointManager, atomic_save_dir, progress, seed_everything, write_json
@@ -58,7 +60,6 @@ from rlhflab.stages.common import (
     prepare_stage_dir,
     process_slice,
     save_train_state,
-    sft_source,
     stage_dirs,
     stop_after_step,
     synth_stats,
@@ -194,10 +195,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
     # 2. Data: Huang's query format and truncation, " {summary}<eos>" responses. -------
     ensure_data(cfg, progress=is_main)
     tokenizer = policy_tokenizer(cfg)
-    train, train_skips = load_sft(sft_source(cfg), "train", tokenizer, cfg.data.max_query_length,
-                                  cfg.data.response_length, cfg.data.skip_bad_rows)
-    val, val_skips = load_sft(sft_source(cfg), "validation", tokenizer, cfg.data.max_query_length,
-                              cfg.data.response_length, cfg.data.skip_bad_rows)
+    train, train_skips = load_sft_data(cfg, "train", tokenizer)  # data.task dispatch: TL;DR or TRL formats
+    val, val_skips = load_sft_data(cfg, "validation", tokenizer)
     total_steps = num_steps(len(train), s.batch_size, s.epochs)
     if total_steps < 1:
         raise StageError(f"sft: {len(train)} usable train examples x sft.epochs={s.epochs} is less than one batch "
@@ -303,6 +302,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
         def write_policy(tmp):
             raw_model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            write_model_card(tmp, cfg, "sft", metrics, base_model=cfg.model.policy)
 
         atomic_save_dir(stage_dir / "policy", write_policy)
         with open(stage_dir / "eval_samples.jsonl", "w") as f:
