@@ -34,10 +34,10 @@ every linear saves its input):
 copy of the merged attention heads). Activation bytes per element: 2 under bf16 (mixed
 precision or ``model.dtype=bfloat16``), else 4.
 
-The peak of a training stage is at the start of the backward (all activations alive) or at its
-end (all gradients alive): ``weights + optimizer + max(activations, gradients)`` with one
-micro-batch per step; with gradient accumulation the gradients of the earlier micro-batches are
-alive too: ``+ activations + gradients``. The PPO peak is the larger of the rollout phase and
+The peak of a training stage is ``weights + optimizer + gradients + activations``: with gradient
+accumulation the earlier micro-batches' gradients are alive during the backward; without it the
+gradients are freed after each step, but the next forward's activations do not reuse those
+blocks (measured: the resident set after the second epoch's forward is that sum within 4%). The PPO peak is the larger of the rollout phase and
 the training phase on top of the four models' weights and the AdamW states.
 
 What is left out, by design: the CUDA context and allocator fragmentation (``fits`` keeps
@@ -213,17 +213,15 @@ class PlanInputs:
     cpu_offload: bool = False  # parallel.cpu_offload
     gradient_checkpointing: bool = False  # parallel.gradient_checkpointing
     dtype: str = "float32"  # model.dtype
+    frozen_dtype: Optional[str] = None  # model.frozen_dtype (None: model.dtype)
     lora_rank: int = 0  # model.lora.r (0: full fine-tuning)
     query_length: int = 512
     response_length: int = 53
     pref_response_length: int = 106
     rm_max_length: int = 512
     sft_micro_batch: int = 1
-    sft_grad_accum: int = 1
     rm_micro_batch: int = 1
-    rm_grad_accum: int = 1
     ppo_micro_batch: int = 1
-    ppo_grad_accum: int = 1
     ppo_per_process_batch: int = 1
     rollout_batch: int = 1  # ppo.rollout_batch_size (rows sampled at once per process)
     forward_batch: int = 1  # ppo.forward_batch_size (rows per ref/critic/RM forward)
@@ -233,8 +231,8 @@ class PlanInputs:
         from rlhflab.config import derive_batch
 
         s, r, p = cfg.sft, cfg.rm, cfg.ppo
-        sft_b = derive_batch("sft", s.batch_size, s.micro_batch_size, gpus)
-        rm_b = derive_batch("rm", r.batch_size, r.micro_batch_size, gpus)
+        derive_batch("sft", s.batch_size, s.micro_batch_size, gpus)  # refuses batch sizes that do not divide
+        derive_batch("rm", r.batch_size, r.micro_batch_size, gpus)
         ppo_b = derive_batch("ppo", p.batch_size, p.micro_batch_size, gpus, p.num_mini_batches)
         lora = _get(cfg, "model.lora", None)
         lora_rank = int(getattr(lora, "r", 0) or getattr(lora, "rank", 0) or 0) if lora is not None else 0
@@ -248,13 +246,12 @@ class PlanInputs:
             gpus=gpus, device=device, sharding=_get(cfg, "parallel.sharding", "none"), mixed_precision=mp,
             cpu_offload=bool(_get(cfg, "parallel.cpu_offload", False)),
             gradient_checkpointing=bool(_get(cfg, "parallel.gradient_checkpointing", False)),
-            dtype=_get(cfg, "model.dtype", "float32"), lora_rank=lora_rank,
+            dtype=_get(cfg, "model.dtype", "float32"), frozen_dtype=_get(cfg, "model.frozen_dtype", None),
+            lora_rank=lora_rank,
             query_length=cfg.data.max_query_length, response_length=cfg.response_length,
             pref_response_length=cfg.data.max_pref_response_length or 2 * cfg.data.response_length,
             rm_max_length=r.max_length,
-            sft_micro_batch=s.micro_batch_size, sft_grad_accum=sft_b.grad_accum,
-            rm_micro_batch=r.micro_batch_size, rm_grad_accum=rm_b.grad_accum,
-            ppo_micro_batch=p.micro_batch_size, ppo_grad_accum=ppo_b.grad_accum,
+            sft_micro_batch=s.micro_batch_size, rm_micro_batch=r.micro_batch_size, ppo_micro_batch=p.micro_batch_size,
             ppo_per_process_batch=ppo_b.per_process_batch,
             rollout_batch=min(rollout, ppo_b.per_process_batch), forward_batch=min(forward, ppo_b.per_process_batch),
         )
@@ -365,16 +362,10 @@ def _forward_transient(x: PlanInputs, arch: Arch, rows: int, seq: int) -> float:
     return rows * seq * (2 * arch.hidden + 3 * arch.intermediate) * x.act_bytes
 
 
-def _train_peak(act: float, grads: float, accum: int) -> float:
-    # One micro-batch per step: activations are freed as gradients appear -> the larger of the two.
-    # Gradient accumulation: the earlier micro-batches' gradients are alive during the whole backward.
-    return act + grads if accum > 1 else max(act, grads)
-
-
 def plan_stage(x: PlanInputs, stage: str) -> StagePlan:
     """Predicted per-device peak of ``stage`` (sft | rm | ppo) for the inputs ``x``."""
     pa, ra = x.policy, x.reward
-    fb = 2 if x.dtype == "bfloat16" else 4  # frozen models: model.dtype
+    fb = 2 if (x.frozen_dtype or x.dtype) == "bfloat16" else 4  # frozen models: model.frozen_dtype, replicated
     per_layer = {"policy": f"{pa.activation_elems_per_token_layer()} elements/token/layer ({pa.family})"}
     if stage == "sft":
         n = pa.lm_params()
@@ -382,7 +373,7 @@ def plan_stage(x: PlanInputs, stage: str) -> StagePlan:
         seq = x.query_length + x.response_length
         act = _activations(x, pa, x.sft_micro_batch, seq) + _logits(x, x.sft_micro_batch, x.response_length, pa.vocab, True)
         terms = {"weights": t["weights"] + t["compute_copy"], "optim": t["optim"],
-                 "grads/activations": _train_peak(act, t["grads"], x.sft_grad_accum),
+                 "grads": t["grads"], "activations": act,
                  "unsharded_layers": _unsharded_layer_bytes(x, pa)}
         return _finish("sft", terms, t["host"], "training micro-batch", {"policy": n}, per_layer)
     if stage == "rm":
@@ -392,7 +383,7 @@ def plan_stage(x: PlanInputs, stage: str) -> StagePlan:
         seq = min(x.rm_max_length, x.query_length + x.pref_response_length)
         act = _activations(x, ra, rows, seq)
         terms = {"weights": t["weights"] + t["compute_copy"], "optim": t["optim"],
-                 "grads/activations": _train_peak(act, t["grads"], x.rm_grad_accum),
+                 "grads": t["grads"], "activations": act,
                  "unsharded_layers": _unsharded_layer_bytes(x, ra)}
         return _finish("rm", terms, t["host"], "training micro-batch", {"reward": n}, per_layer)
     if stage != "ppo":
@@ -412,15 +403,15 @@ def plan_stage(x: PlanInputs, stage: str) -> StagePlan:
     # Rollout phase: sampling rollout_batch rows with a KV cache, then ref/critic/RM forwards in chunks.
     kv = 2 * pa.layers * pa.kv_width * seq * x.rollout_batch * x.act_bytes
     gen = kv + _forward_transient(x, pa, x.rollout_batch, x.query_length)
-    if x.shard > 1 or x.cpu_offload:  # the sampler runs on the unsharded policy (gathered for the rollout)
-        gen += n_pol * (2 if x.mixed_precision == "bf16" else x.param_bytes)
+    gen += _unsharded_layer_bytes(x, pa)  # FSDP2 gathers one block at a time in the sampler's forwards too
     fwd = _logits(x, x.forward_batch, R, V, False) + _forward_transient(x, pa, x.forward_batch, seq)
     rollout = max(gen, fwd)
 
     # Training phase: policy and critic forwards of one micro-batch, the policy's logits, backward.
     mb = x.ppo_micro_batch
     act = _activations(x, pa, mb, seq) + _activations(x, critic_arch, mb, seq) + _logits(x, mb, R, V, True)
-    train = _train_peak(act, grads, x.ppo_grad_accum) + _unsharded_layer_bytes(x, pa) + tp["compute_copy"] + tc["compute_copy"]
+    # Gradients and activations counted together (module docstring: the measured resident set holds both).
+    train = act + grads + _unsharded_layer_bytes(x, pa) + tp["compute_copy"] + tc["compute_copy"]
     phase = "rollout (KV cache / frozen forwards)" if rollout > train else "training micro-batch"
     terms = {"trained_weights": trained_w, "frozen_weights (ref+RM)": frozen, "optim": optim,
              "peak_phase": max(rollout, train)}
@@ -454,46 +445,49 @@ def _candidates(x: PlanInputs, stage: str) -> list[tuple[str, dict]]:
         c.append(("parallel.sharding=fsdp2", {"sharding": "fsdp2"}))
     if x.mixed_precision != "bf16" and x.dtype == "float32":
         c.append(("parallel.mixed_precision=bf16", {"mixed_precision": "bf16"}))
-    if x.dtype == "float32":
-        c.append(("model.dtype=bfloat16", {"dtype": "bfloat16"}))
+    if (x.frozen_dtype or x.dtype) == "float32" and stage == "ppo":
+        c.append(("model.frozen_dtype=bfloat16", {"frozen_dtype": "bfloat16"}))
     if not x.gradient_checkpointing:
         c.append(("parallel.gradient_checkpointing=true", {"gradient_checkpointing": True}))
     mb_key = {"sft": "sft_micro_batch", "rm": "rm_micro_batch", "ppo": "ppo_micro_batch"}[stage]
-    accum_key = mb_key.replace("micro_batch", "grad_accum")
     mb = getattr(x, mb_key)
     for m in _halvings(mb):
-        c.append((f"{stage}.micro_batch_size={m}", {mb_key: m, accum_key: getattr(x, accum_key) * (mb // m)}))
+        c.append((f"{stage}.micro_batch_size={m}", {mb_key: m}))
     if stage == "ppo":
         for m in _halvings(x.rollout_batch):
             c.append((f"ppo.rollout_batch_size={m}", {"rollout_batch": m}))
         for m in _halvings(x.forward_batch):
             c.append((f"ppo.forward_batch_size={m}", {"forward_batch": m}))
-    if not x.cpu_offload:
-        c.append(("parallel.cpu_offload=true", {"cpu_offload": True}))
+    if x.dtype == "float32":  # pure bf16 training (AdamW states too): last before offload
+        c.append(("model.dtype=bfloat16", {"dtype": "bfloat16"}))
+    if not x.cpu_offload:  # config.py: offload needs FSDP2
+        key = "parallel.cpu_offload=true" if x.sharding == "fsdp2" else "parallel.sharding=fsdp2 parallel.cpu_offload=true"
+        c.append((key, {"cpu_offload": True, "sharding": "fsdp2"}))
     return c
 
 
 def suggest_knobs(x: PlanInputs, stage: str, limit: int) -> list[str]:
-    """Config overrides that bring the stage under ``limit`` bytes: a single knob if one suffices
-    (all such single knobs, up to three), else knobs added greedily (the one that lowers the peak
-    most, each time) until it fits; empty if nothing in reach fits."""
+    """Config overrides that bring the stage under ``limit`` bytes: every single knob that
+    suffices (up to three, cheapest first), else knobs combined in the order of
+    :func:`_candidates` -- for a batch-size knob the largest value that fits, else its smallest --
+    until it fits; empty if even all of them together do not."""
     singles = [k for k, kw in _candidates(x, stage) if plan_stage(replace(x, **kw), stage).peak_bytes <= limit]
     if singles:
         return singles[:3]
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for k, kw in _candidates(x, stage):
+        groups.setdefault(k.split("=")[0], []).append((k, kw))
     chosen: list[str] = []
     cur = x
-    while True:
-        options = [(plan_stage(replace(cur, **kw), stage).peak_bytes, k, kw) for k, kw in _candidates(cur, stage)
-                   if not any(k.split("=")[0] == c.split("=")[0] for c in chosen)]
-        if not options:
-            return []
-        peak, k, kw = min(options, key=lambda o: o[0])
-        if peak >= plan_stage(cur, stage).peak_bytes:
-            return []
-        chosen.append(k)
-        cur = replace(cur, **kw)
-        if peak <= limit:
+    for options in groups.values():
+        fitting = [(k, kw) for k, kw in options if plan_stage(replace(cur, **kw), stage).peak_bytes <= limit]
+        k, kw = fitting[0] if fitting else options[-1]
+        if plan_stage(replace(cur, **kw), stage).peak_bytes < plan_stage(cur, stage).peak_bytes:
+            chosen.append(k)
+            cur = replace(cur, **kw)
+        if plan_stage(cur, stage).peak_bytes <= limit:
             return [" ".join(chosen)]
+    return []
 
 
 def plan(cfg, gpus: int = 1, gpu_mem_gb: Optional[float] = None, stages: tuple[str, ...] = ("sft", "rm", "ppo"),
@@ -537,7 +531,7 @@ def format_table(plans: list[StagePlan], x: PlanInputs) -> str:
             lines.append(f"  -> {verdict} in {cap:g} GiB (with {HEADROOM:.0%} headroom)")
             if not sp.fits:
                 lines.append("  -> knob: " + (" | ".join(sp.knobs) if sp.knobs else
-                                              "none of the planner's knobs is enough: more devices or a smaller model"))
+                                              "none of the combinations the planner tries fits: more devices or a smaller model"))
     if any(sp.parts for sp in plans):
         lines.append("")
         lines.append("(parenthesised rows break down the phases; they are not added again)")
