@@ -79,6 +79,24 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from rlhflab.plan import PlanError, PlanInputs, format_table, plan
+
+    cfg = _cfg(args)
+    stages = tuple(args.stage) if args.stage else ("sft", "rm", "ppo")
+    try:
+        plans = plan(cfg, gpus=args.gpus, gpu_mem_gb=args.gpu_mem, stages=stages, device=args.device)
+        x = PlanInputs.from_config(cfg, gpus=args.gpus, device=args.device)
+    except PlanError as e:
+        raise ConfigError(str(e)) from None
+    if args.json:
+        print(json.dumps({"config": args.config, "gpus": args.gpus, "gpu_mem_gb": args.gpu_mem,
+                          "stages": [sp.as_dict() for sp in plans]}, indent=2))
+    else:
+        print(format_table(plans, x))
+    return 0 if all(sp.fits is not False for sp in plans) else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhflab",
@@ -164,6 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_env = sub.add_parser("env", help="print versions, devices, CPU flags and threads (paste it into bug reports)")
     p_env.add_argument("--json", action="store_true", help="machine-readable output")
     p_env.set_defaults(func=_cmd_env)
+    p_plan = sub.add_parser(
+        "plan", help="predict the per-device peak memory of each stage; say whether it fits and which knob to turn",
+        description="Pure computation from the config (no model is built, no network): weights, gradients, AdamW "
+                    "states, activations (with/without gradient checkpointing), logits, KV cache, frozen models, per "
+                    "device. Exit status 3 when a stage does not fit in --gpu-mem.",
+        epilog=EPILOG_OVERRIDES)
+    _add_config_args(p_plan)
+    p_plan.add_argument("--gpus", type=int, default=1, help="devices (= processes) the run uses; default: %(default)s")
+    p_plan.add_argument("--gpu-mem", type=float, default=None, metavar="GB", help="memory per device in GiB, e.g. 80")
+    p_plan.add_argument("--stage", action="append", choices=["sft", "rm", "ppo"], help="plan only this stage (repeatable)")
+    p_plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="device kind (default: %(default)s)")
+    p_plan.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p_plan.set_defaults(func=_cmd_plan)
 
     p_cfg = sub.add_parser("config", help="show config keys with types, defaults and docs")
     cfg_sub = p_cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
