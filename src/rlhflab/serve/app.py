@@ -555,7 +555,7 @@ def create_app(policy: Union[str, Path, Any], reward: Union[str, Path, Any], *, 
 
     @app.get("/metrics", response_class=Response, responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-              "description": "Prometheus text exposition format 0.0.4"}, **_errors(auth, 401)})
+              "description": "Prometheus text exposition format (prometheus_client.generate_latest)"}, **_errors(auth, 401)})
     async def get_metrics():
         """Prometheus metrics (see rlhflab.serve.metrics for the names)."""
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the server (``GET /metrics``, text exposition format 0.0.4).
+"""Prometheus metrics of the server (``GET /metrics``, text exposition format, as prometheus_client.generate_latest writes it).
 
 One ``CollectorRegistry`` per app (tests build many apps in one process). Names:
 
