@@ -427,8 +427,17 @@ def _body(model: type[BaseModel]) -> dict:
         "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
-_SSE_DOC = {"text/event-stream": {"schema": {"type": "string"},
-                                  "description": "with stream: true, OpenAI-style chunks ending with data: [DONE]"}}
+def _sse_doc(chunk: type[BaseModel]) -> dict:
+    """An SSE media type whose ``schema`` describes each event (OpenAPI < 3.2 convention): ``data``
+    is a JSON chunk (or an error object after a mid-stream failure), or the final ``[DONE]``."""
+    ref = lambda m: {"$ref": f"#/components/schemas/{m.__name__}"}  # noqa: E731
+    return {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"event": {"type": "string"}, "id": {"type": "string"},
+                       "data": {"anyOf": [{"const": "[DONE]"},
+                                          {"type": "string", "contentMediaType": "application/json",
+                                           "contentSchema": {"anyOf": [ref(chunk), ref(S.ErrorResponse)]}}]}},
+        "description": "with stream: true, OpenAI-style chunks ending with data: [DONE]"}}}
 
 
 def _install_openapi(app: FastAPI, limits: ServeLimits) -> None:
@@ -444,7 +453,8 @@ def _install_openapi(app: FastAPI, limits: ServeLimits) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (CompletionRequest, ChatCompletionRequest, ScoreRequest):
+        for model in (CompletionRequest, ChatCompletionRequest, ScoreRequest, S.CompletionChunk,
+                      S.ChatCompletionChunk):
             js = model.model_json_schema(ref_template="#/components/schemas/{model}")
             comps.update(js.pop("$defs", {}))
             comps[model.__name__] = js
@@ -570,8 +580,8 @@ def create_app(policy: Union[str, Path, Any], reward: Union[str, Path, Any], *, 
     gen_errors = _errors(auth, 400, 401, 413, 429, 503)
 
     @app.post("/v1/completions", response_model=None, openapi_extra=_body(CompletionRequest), responses={
-        200: {"model": S.CompletionResponse, "content": _SSE_DOC, "description": "the n best candidates by reward"},
-        **gen_errors})
+        200: {"model": S.CompletionResponse, "content": _sse_doc(S.CompletionChunk),
+              "description": "the n best candidates by reward"}, **gen_errors})
     async def completions(request: Request):
         """Best-of-N completions (OpenAI's legacy completions API; RM reranking; streaming)."""
         req = _parse(CompletionRequest, await _read_json(request, limits.max_body_bytes))
@@ -580,8 +590,8 @@ def create_app(policy: Union[str, Path, Any], reward: Union[str, Path, Any], *, 
         return await _answer(request, job, "text_completion")
 
     @app.post("/v1/chat/completions", response_model=None, openapi_extra=_body(ChatCompletionRequest), responses={
-        200: {"model": S.ChatCompletionResponse, "content": _SSE_DOC, "description": "the n best candidates by reward"},
-        **gen_errors})
+        200: {"model": S.ChatCompletionResponse, "content": _sse_doc(S.ChatCompletionChunk),
+              "description": "the n best candidates by reward"}, **gen_errors})
     async def chat_completions(request: Request):
         """Best-of-N chat completions (OpenAI's chat API; RM reranking; streaming)."""
         req = _parse(ChatCompletionRequest, await _read_json(request, limits.max_body_bytes))

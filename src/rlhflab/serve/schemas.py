@@ -233,3 +233,49 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --------------------------------------------------------------------------- stream chunks
+class CompletionChunkChoice(BaseModel):
+    text: str = Field(description="the new text of this choice")
+    index: int
+    logprobs: None = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    reward: Optional[float] = Field(None, description="rlhflab extension, on the chunk that finishes the choice")
+
+
+class CompletionChunk(BaseModel):
+    """One ``data:`` event of a streamed completion."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    best_of: Optional[BestOfInfo] = Field(None, description="on the last choice-finishing chunk")
+    usage: Optional[Usage] = Field(None, description="last chunk (empty choices), with stream_options.include_usage")
+
+
+class ChatDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    reward: Optional[float] = Field(None, description="rlhflab extension, on the chunk that finishes the choice")
+
+
+class ChatCompletionChunk(BaseModel):
+    """One ``data:`` event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    best_of: Optional[BestOfInfo] = None
+    usage: Optional[Usage] = None
