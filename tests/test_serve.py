@@ -183,7 +183,9 @@ BAD_COMPLETIONS = [
     ({"prompt": PROMPT, "stop": ""}, 400, "stop", "'stop' strings must be non-empty"),
     ({"prompt": PROMPT, "stop": 3}, 400, "stop", "'stop' must be a string or a list of strings (got 3)"),
     ({"prompt": PROMPT, "stop": ["a", 1]}, 400, "stop", "'stop' must be a string or a list of strings (got [\"a\", 1])"),
-    ({"prompt": PROMPT, "stream": True}, 400, "stream", "'stream' is not supported"),
+    ({"prompt": PROMPT, "echo": True}, 400, "echo", "'echo' is not supported"),
+    ({"prompt": PROMPT, "seed": 2**64}, 400, "seed", "less than or equal to 9223372036854775807"),
+    ({"prompt": PROMPT, "stream": "yes"}, 400, "stream", "'stream': Input should be a valid boolean"),
     ({"prompt": PROMPT, "logprobs": 2}, 400, "logprobs", "'logprobs' is not supported"),
     ({"prompt": PROMPT, "best_off": 2}, 400, "best_off", "unknown field 'best_off'"),
 ]
@@ -264,18 +266,38 @@ def test_health_and_page(client):
     assert models["object"] == "list" and models["data"][0]["id"] == h["policy"]
 
 
-def test_metrics_count_requests_and_tokens(models):
+def prometheus(text: str) -> dict:
+    """{(sample name, frozenset(labels)): value} of a Prometheus text exposition, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(smp.name, frozenset(smp.labels.items())): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+
+def test_metrics_are_prometheus_text(models):
     client = TestClient(fresh_app(models))
     a = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3, "best_of": 2, "seed": 0}).json()
-    b = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 4, "seed": 1}).json()
+    b = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "abc"}], "max_tokens": 4,
+                                                  "seed": 1}).json()
     client.post("/v1/completions", json={"prompt": ""})
     client.post("/v1/score", json={"prompt": "a", "responses": ["b"]})
-    m = client.get("/metrics").json()
-    assert m["requests"] == {"POST /v1/completions": {"200": 2, "400": 1}, "POST /v1/score": {"200": 1}}
-    assert m["tokens_generated"] == a["usage"]["completion_tokens"] + b["usage"]["completion_tokens"]
-    assert m["candidates_generated"] == 3 and m["cancelled"] == 0
-    lat = m["latency_ms"]["POST /v1/completions"]
-    assert lat["count"] == 3 and 0 < lat["p50"] <= lat["p95"] <= lat["max"]
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=")
+    m = prometheus(r.text)
+    req = lambda ep, st: m[("rlhflab_requests_total", frozenset({"endpoint": ep, "status": st}.items()))]
+    assert req("POST /v1/completions", "200") == 1 and req("POST /v1/completions", "400") == 1
+    assert req("POST /v1/chat/completions", "200") == 1 and req("POST /v1/score", "200") == 1
+    tokens = a["usage"]["completion_tokens"] + b["usage"]["completion_tokens"]
+    assert m[("rlhflab_generated_tokens_total", frozenset())] == tokens
+    assert m[("rlhflab_generated_candidates_total", frozenset())] == 3
+    assert m[("rlhflab_batch_rows_count", frozenset())] == 2  # two generation batches (sequential requests)
+    assert m[("rlhflab_batch_rows_sum", frozenset())] == 3  # of 2 + 1 rows
+    assert m[("rlhflab_queue_depth", frozenset())] == 0
+    assert m[("rlhflab_requests_cancelled_total", frozenset())] == 0
+    lat = frozenset({"endpoint": "POST /v1/completions"}.items())
+    assert m[("rlhflab_request_duration_seconds_count", lat)] == 2
+    assert 0 < m[("rlhflab_request_duration_seconds_sum", lat)] < 60
+    assert m[("rlhflab_request_duration_seconds_bucket", lat | {("le", "+Inf")})] == 2
 
 
 def test_quantile_and_stop_helpers():
@@ -304,8 +326,9 @@ def test_create_app_refuses_bad_arguments(models, tmp_path):
         create_app(policy, reward, tokenizer=tok, max_best_of=0)
 
 
-def test_openai_client_if_installed(models):
-    openai = pytest.importorskip("openai")
+def test_openai_client_completions(models):
+    import openai
+
     with BackgroundServer(fresh_app(models)) as srv:
         oc = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused")
         r = oc.completions.create(model="x", prompt="abc", n=2, best_of=3, max_tokens=4, temperature=0.7)
@@ -320,15 +343,15 @@ def test_openai_client_if_installed(models):
 # ------------------------------------------------------------------ concurrency and cancellation
 def test_health_and_scoring_answer_during_slow_generation(models, monkeypatch):
     app = fresh_app(models)
-    real_sample = app.state.models.sample
+    real_generate = app.state.models.generate_batch
     started = threading.Event()
 
-    def slow_sample(*args, **kwargs):
+    def slow_generate(*args, **kwargs):
         started.set()
         time.sleep(1.5)
-        return real_sample(*args, **kwargs)
+        return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(app.state.models, "sample", slow_sample)
+    monkeypatch.setattr(app.state.models, "generate_batch", slow_generate)
     with BackgroundServer(app) as srv:
         result = {}
         t = threading.Thread(target=lambda: result.update(r=httpx.post(
@@ -365,9 +388,9 @@ def test_client_disconnect_cancels_generation(models, caplog):
             deadline = time.time() + 5
             while app.state.metrics.cancelled == 0 and time.time() < deadline:
                 time.sleep(0.05)
-            m = httpx.get(srv.url + "/metrics").json()
-            assert m["cancelled"] == 1
-            assert m["requests"]["POST /v1/completions"] == {"499": 1}
+            m = prometheus(httpx.get(srv.url + "/metrics").text)
+            assert m[("rlhflab_requests_cancelled_total", frozenset())] == 1
+            assert m[("rlhflab_requests_total", frozenset({"endpoint": "POST /v1/completions", "status": "499"}.items()))] == 1
             # Stopped within a few tokens of the disconnect, far from the 200 it was asked for.
             assert len(forwards) < 60, f"{len(forwards)} forwards: generation was not cancelled"
             n = len(forwards)

@@ -177,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--max-tokens", type=int, default=128, help="largest max_tokens accepted")
     p_serve.add_argument("--max-prompt-tokens", type=int, default=512, help="longest prompt accepted, in policy tokens")
     p_serve.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body accepted")
+    p_serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p_serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                         help="model weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p_serve.add_argument("--max-batch-rows", type=int, default=32,
+                         help="most candidates (rows) per generation batch; concurrent requests share batches")
+    p_serve.add_argument("--max-wait-ms", type=float, default=10.0,
+                         help="how long the first queued request waits for others to join its batch")
+    p_serve.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait (429 beyond)")
+    p_serve.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request is stopped (503)")
     p_serve.set_defaults(func=_cmd_serve)
 
     p_env = sub.add_parser("env", help="print versions, devices, CPU flags and threads (paste it into bug reports)")
@@ -256,7 +265,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     serve(policy=args.policy, reward=args.reward, host=args.host, port=args.port, api_key_env=args.api_key_env,
           max_best_of=args.max_best_of, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-          max_body_bytes=args.max_body_bytes)
+          max_body_bytes=args.max_body_bytes, device=args.device, dtype=args.dtype,
+          max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+          request_timeout_s=args.request_timeout)
     return 0
 
 

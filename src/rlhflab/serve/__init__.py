@@ -1,5 +1,6 @@
-"""Best-of-N serving: an OpenAI-compatible completions API reranked by the reward model,
-RM scoring, health/metrics and a playground page. See :mod:`rlhflab.serve.app`."""
+"""Best-of-N serving: an OpenAI-compatible API (completions, chat, streaming) reranked by the
+reward model, with request batching, RM scoring, Prometheus metrics and a playground page.
+See :mod:`rlhflab.serve.app`."""
 
 from rlhflab.serve.app import APIError, BackgroundServer, ServeError, ServeLimits, create_app, serve
 
