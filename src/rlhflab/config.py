@@ -183,9 +183,9 @@ class EvalConfig(_Section):
 class OverOptConfig(_Section):
     seed: int = F(5, "Seed of the best-of-N pool's and the snapshots' sampling, and of the bootstrap.")
     split: Literal["validation", "test"] = F("validation", "Which SFT split's posts (the first n_prompts, as `rlhflab eval`).")
-    n_prompts: int = F(128, "Posts measured; every one gets pool_size samples from the SFT policy.", ge=2)
+    n_prompts: int = F(100, "Posts measured; every one gets pool_size samples from the SFT policy (cost: n_prompts x pool_size samples).", ge=2)
     pool_size: int = F(256, "Samples per post from the SFT policy; best-of-n for n = 1, 2, 4, ... <= pool_size is read off this pool.", ge=2)
-    samples_per_snapshot: int = F(2, "Samples per post from each PPO snapshot (its gold, RM score and KL to the SFT policy).", ge=1)
+    samples_per_snapshot: int = F(4, "Samples per post from each PPO snapshot (its gold, RM score and KL to the SFT policy).", ge=1)
     snapshot_stride: int = F(1, "Evaluate every k-th snapshot under ppo/snapshots/ (the final policy always).", ge=1)
     compare_n: int = F(64, "The best-of-n set beside PPO (the claim checked: best-of-64 matches PPO at far lower cost).", ge=1)
     bootstrap: int = F(1000, "Bootstrap resamples over posts for the CIs of alpha, beta and d*.", ge=100)

@@ -181,14 +181,18 @@ def reading(res: dict) -> str:
         if not f:
             continue
         dv, g = f["divergence"], f["gold"]
-        if dv["peak_in_measured_range"]:
+        d_max = max(res[method]["d"])
+        if g["alpha"] <= 0:
+            parts.append(f"{label}: gold does not rise with optimisation at all (fitted alpha {g['alpha']:.3f} <= 0)")
+        elif dv["peak_in_measured_range"]:
             parts.append(f"{label}: gold peaks at d* = {dv['d_star_gold']:.2f} (KL {dv['kl_star_gold']:.1f} nats) inside the "
-                         f"measured range and falls after it" + (" while the proxy still rises" if dv["proxy_still_rising"] else ""))
+                         f"measured d <= {d_max:.2f} and falls after it"
+                         + (" while the proxy still rises" if dv["proxy_still_rising"] else ""))
         elif g["d_star"] is not None:
             parts.append(f"{label}: the fitted gold peak d* = {g['d_star']:.2f} (KL {g['kl_star']:.1f}) lies beyond the measured "
-                         f"d <= {max(res[method]['d']):.2f}: gold is still rising there, over-optimisation not reached")
+                         f"d <= {d_max:.2f}: gold is still rising there, over-optimisation not reached")
         else:
-            parts.append(f"{label}: the gold fit has no peak (beta <= 0): gold still rising over the measured range")
+            parts.append(f"{label}: the gold fit has no peak (beta <= 0): gold still rising over the measured d <= {d_max:.2f}")
     c = res.get("compare")
     if c and c.get("ppo_gold") is not None:
         diff, lo, hi = c["gold_diff"], c["gold_diff_ci"][0], c["gold_diff_ci"][1]
