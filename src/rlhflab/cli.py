@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
          "Rollout -> score -> KL-shaped rewards -> GAE -> PPO epochs x minibatches. Writes <run>/ppo/, checkpoints atomically; --resume continues."),
         ("eval", "rlhflab.stages.evaluate", "evaluate SFT/PPO policies: win rates with CIs, ROUGE-L, reward-hacking signals",
          "Generates summaries for validation/test posts and judges them (gold judge on tldr-synth, optional LLM judge). Writes <run>/eval/."),
+        ("overopt", "rlhflab.stages.overopt", "over-optimisation curves: gold and RM score vs KL for best-of-N and PPO (Gao et al. 2022)",
+         "tldr-synth: best-of-n (n = 1..overopt.pool_size) from the SFT policy and every PPO snapshot (ppo.snapshot_every), "
+         "gold and proxy vs d = sqrt(KL), Gao's functional forms fitted with bootstrap CIs. Writes <run>/overopt/."),
     ]
     for name, module, hlp, desc in stages:
         p = sub.add_parser(name, help=hlp, description=desc, epilog=EPILOG_OVERRIDES)
@@ -160,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p_run)
     p_run.add_argument("--out", help="parent directory of the run (overrides out_dir)")
     p_run.add_argument("--seeds", type=int, default=1, help="repeat the stochastic stages for N seeds and report mean ± std")
+    p_run.add_argument("--overopt", action="store_true", help="also run `rlhflab overopt` after eval (minutes: see README)")
     p_run.set_defaults(func=_cmd_run)
 
     p_report = sub.add_parser("report", help="render RUN_DIR/report.html (self-contained, plots embedded)")
@@ -215,12 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rlhflab.pipeline import run_pipeline
+    from rlhflab.pipeline import STAGES, run_pipeline
 
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"out_dir={args.out}")
-    summary = run_pipeline(load_config(args.config, overrides), seeds=args.seeds)
+    stages = STAGES + ("overopt",) if args.overopt else STAGES
+    summary = run_pipeline(load_config(args.config, overrides), seeds=args.seeds, stages=stages)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

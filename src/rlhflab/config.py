@@ -208,6 +208,7 @@ class PPOConfig(_Section):
     kl_monitor: KLMonitorConfig = F(KLMonitorConfig(), "KL health thresholds.")
     log_every: int = F(1, "Log every N PPO updates.", ge=1)
     save_every: int = F(10, "Checkpoint every N PPO updates (0: only at the end).", ge=0)
+    snapshot_every: int = F(0, "Also save the policy every N updates as an HF folder ppo/snapshots/update-<N>/, never pruned (`rlhflab overopt` evaluates them; 0: off).", ge=0)
     gold_eval_every: int = F(5, "tldr-synth: compute gold/score of the rollout every N updates (0: off).", ge=0)
     bf16: bool = F(False, "bf16 autocast (reported separately from fp32 figures).")
     sample_table_every: int = F(10, "Write sample (prompt, response, score) rows to ppo/samples.jsonl (and tables to trackers) every N updates (0: off).", ge=0)
@@ -247,6 +248,18 @@ class ParallelConfig(_Section):
     gradient_checkpointing: bool = F(False, "Recompute each transformer block's activations in the backward (non-reentrant) for every trained model: less memory, ~30% more compute.")
 
 
+class OverOptConfig(_Section):
+    seed: int = F(5, "Seed of the best-of-N pool's and the snapshots' sampling, and of the bootstrap.")
+    split: Literal["validation", "test"] = F("validation", "Which SFT split's posts (the first n_prompts, as `rlhflab eval`).")
+    n_prompts: int = F(100, "Posts measured; every one gets pool_size samples from the SFT policy (cost: n_prompts x pool_size samples).", ge=2)
+    pool_size: int = F(256, "Samples per post from the SFT policy; best-of-n for n = 1, 2, 4, ... <= pool_size is read off this pool.", ge=2)
+    samples_per_snapshot: int = F(4, "Samples per post from each PPO snapshot (its gold, RM score and KL to the SFT policy).", ge=1)
+    snapshot_stride: int = F(1, "Evaluate every k-th snapshot under ppo/snapshots/ (the final policy always).", ge=1)
+    compare_n: int = F(64, "The best-of-n set beside PPO (the claim checked: best-of-64 matches PPO at far lower cost).", ge=1)
+    bootstrap: int = F(1000, "Bootstrap resamples over posts for the CIs of alpha, beta and d*.", ge=100)
+    batch_size: int = F(128, "Rows per sampling / scoring batch.", ge=1)
+
+
 class RunConfig(_Section):
     name: str = F("tldr-synth", "Run name: outputs go to <out_dir>/<name>/.")
     out_dir: str = F("runs", "Parent folder of run directories.")
@@ -259,6 +272,7 @@ class RunConfig(_Section):
     reward: RewardConfig = F(RewardConfig(), "Reward sources of PPO.")
     report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = F(["tensorboard"], "Experiment trackers besides metrics.jsonl (rlhflab.trackers): tensorboard, and through accelerate wandb (offline: WANDB_MODE=offline), trackio (local), mlflow (default: file store <out_dir>/mlruns, or MLFLOW_TRACKING_URI).")
     parallel: ParallelConfig = F(ParallelConfig(), "Sharding, precision and memory knobs (rlhflab.parallel).")
+    overopt: OverOptConfig = F(OverOptConfig(), "Over-optimisation curves (Gao et al. 2022): `rlhflab overopt`.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
@@ -279,6 +293,8 @@ class RunConfig(_Section):
         k = p.kl_monitor
         if not (k.barely_changed <= k.healthy_low <= k.healthy_high <= k.drifting <= k.catastrophic):
             raise ValueError("ppo.kl_monitor thresholds must increase: barely_changed <= healthy_low <= healthy_high <= drifting <= catastrophic")
+        if self.overopt.compare_n > self.overopt.pool_size:
+            raise ValueError(f"overopt.compare_n={self.overopt.compare_n} is larger than overopt.pool_size={self.overopt.pool_size}")
         return self
 
     @property

@@ -43,6 +43,8 @@ def _runner(stage: str) -> Callable[..., dict]:
         from rlhflab.stages.rm import main
     elif stage == "ppo":
         from rlhflab.stages.ppo import main
+    elif stage == "overopt":
+        from rlhflab.stages.overopt import main
     else:
         from rlhflab.stages.evaluate import main
     return main
@@ -93,7 +95,23 @@ def headline(cfg: RunConfig) -> dict:
             out["eval/ppo_vs_sft/win_rate"] = c.get("win_rate")
             out["eval/ppo_vs_sft/ci"] = c.get("ci")
             out["eval/ppo_vs_sft/lc_win_rate"] = c.get("lc_win_rate")
+    out.update(overopt_headline(_load(run / "overopt" / "results.json")))
     return {k: v for k, v in out.items() if v is not None}
+
+
+def overopt_headline(res: dict) -> dict:
+    """alpha, beta, d* of the gold fits, best-of-n vs PPO, and the plain-language reading (``rlhflab overopt``)."""
+    out: dict[str, Any] = {}
+    for method in ("bon", "ppo"):
+        for key in ("alpha", "beta", "d_star", "d_star_ci"):
+            out[f"overopt/{method}/gold_{key}"] = _dig(res, "fits", method, "gold", key)
+        out[f"overopt/{method}/gold_peak_in_range"] = _dig(res, "fits", method, "divergence", "peak_in_measured_range")
+    c = res.get("compare") or {}
+    n = c.get("n")
+    for key in ("bon_gold", "ppo_gold", "ppo_kl", "gold_diff", "gold_diff_ci", "ppo_train_samples"):
+        out[f"overopt/bon{n}_vs_ppo/{key}"] = c.get(key)
+    out["overopt/reading"] = res.get("reading")
+    return out
 
 
 def _with_seed(cfg: RunConfig, i: int, n: int) -> RunConfig:

@@ -733,16 +733,18 @@ def render_report(run_dir: str | Path, out: Optional[str | Path] = None) -> Path
     results = _read_json(run / "eval" / "results.json")
     samples = _read_jsonl(run / "eval" / "samples.jsonl")
 
+    from rlhflab.report.overopt import section_overopt  # its own module: Gao et al.'s curves and fits
+
     ppo_html, ppo_rows = section_ppo(run, cfg)
     body = [
         section_overview(run, cfg, stats if isinstance(stats, dict) else None, summary if isinstance(summary, dict) else None),
         section_sft(run), section_rm(run), ppo_html, section_eval(run, results if isinstance(results, dict) else None),
-        section_hacking(ppo_rows, results if isinstance(results, dict) else None), section_samples(samples),
+        section_hacking(ppo_rows, results if isinstance(results, dict) else None), section_overopt(run), section_samples(samples),
     ]
     name = cfg.get("name") or run.name
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (("overview", "Overview"), ("sft", "SFT"), ("rm", "Reward model"),
                                                          ("ppo", "PPO"), ("eval", "Evaluation"), ("hacking", "Reward hacking"),
-                                                         ("samples", "Samples")))
+                                                         ("overopt", "Over-optimisation"), ("samples", "Samples")))
     page = (
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
         "<meta name=viewport content='width=device-width, initial-scale=1'>"

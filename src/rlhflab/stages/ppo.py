@@ -760,6 +760,12 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
                 if g is not None:
                     metrics["gold/score"], metrics["gold/score_se"] = g
                     gold_last = g[0]
+            if is_main and p.snapshot_every and update % p.snapshot_every == 0:
+                # The policy after this update, kept for `rlhflab overopt` (state/ckpt-* keeps only 2).
+                def write_snapshot(tmp: Path) -> None:
+                    models.policy.save_pretrained(tmp)
+                    models.tokenizer.save_pretrained(tmp)
+                atomic_save_dir(stage_dir / "snapshots" / f"update-{update:05d}", write_snapshot)
             last = metrics
             if update % p.log_every == 0 or update == num_updates:
                 logger.log(update, metrics)
