@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhflab.config import RunConfig, derive_batch, save_config
-from rlhflab.data.tldr import load_preferences, load_split, tokenize_sft
+from rlhflab.data.tldr import R_CNNDM, load_preferences, load_split, pref_response_budget, tokenize_sft
 from rlhflab.errors import StageError
 from rlhflab.models.policy import count_parameters, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import RewardModel, build_reward_backbone, is_decoder_rm, minilm_path
@@ -300,12 +300,11 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
     # 2. Data as texts: queries truncated with the policy tokenizer (what PPO will show). ------
     ensure_data(cfg, progress=is_main)
     policy_tok = policy_tokenizer(cfg)
+    pref_budget = pref_response_budget(cfg.data.task, cfg.data.response_length, cfg.data.max_pref_response_length)
     train, train_skips = load_preferences(preference_source(cfg), "train", policy_tok, cfg.data.max_query_length,
-                                          cfg.data.response_length, cfg.data.skip_bad_rows,
-                                          cfg.data.max_pref_response_length)
+                                          cfg.data.response_length, cfg.data.skip_bad_rows, pref_budget)
     val, val_skips = load_preferences(preference_source(cfg), "validation", policy_tok, cfg.data.max_query_length,
-                                      cfg.data.response_length, cfg.data.skip_bad_rows,
-                                      cfg.data.max_pref_response_length)
+                                      cfg.data.response_length, cfg.data.skip_bad_rows, pref_budget)
     total_steps = num_steps(len(train), r.batch_size, r.epochs)
     if total_steps < 1:
         raise StageError(f"rm: {len(train)} usable train comparisons x rm.epochs={r.epochs} is less than one batch "
@@ -414,6 +413,9 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
             "data/train_pairs": len(train), "data/validation_pairs": len(val),
             "data/train_skipped": train_skips.total, "data/validation_skipped": val_skips.total,
             "data/skip_reasons": {"train": dict(train_skips.counts), "validation": dict(val_skips.counts)},
+            # CNN/DM comparisons of the real validation split: left out of TL;DR RM data, counted (SFD).
+            "data/cnndm_rows_skipped": train_skips.filtered[R_CNNDM] + val_skips.filtered[R_CNNDM],
+            "data/max_pref_response_length": pref_budget,
             "model/parameters": n_params, "num_processes": accelerator.num_processes,
             "batch/grad_accum": sizes.grad_accum, "time/wall_s": round(elapsed_before + time.time() - t_start, 2),
             "reward_dir": str(stage_dir / "reward"),
