@@ -63,9 +63,9 @@ class DataConfig(_Section):
     dir: Optional[str] = F(None, "tldr-synth: where the generated data lives (default: <run>/data).")
     sft_dataset: str = F("vwxyzjn/summarize_from_feedback_tldr_3_filtered", "tldr: HF dataset name, or a local parquet/jsonl/arrow file or folder, with columns id,subreddit,title,post,summary; standard: prompt+completion or messages rows.")
     preference_dataset: str = F("openai/summarize_from_feedback", "tldr: HF dataset name or local file/folder in the 'comparisons' schema (info, summaries, choice); standard: prompt+chosen+rejected or chosen+rejected rows.")
-    max_query_length: int = F(512, "Query token budget; the post is cut at its last newline until the query fits (Huang detail).", ge=16)
+    max_query_length: int = F(512, "Query token budget; the post is cut at its last newline (one character when none is left, as SFD) until the query fits (Huang detail).", ge=16)
     response_length: int = F(53, "Response token budget (reference summaries, PPO sampling).", ge=1)
-    max_pref_response_length: Optional[int] = F(None, "Longest chosen/rejected in tokens incl. EOS for RM training; default 2 x response_length (SFD uses 169 for real TL;DR).", ge=1)
+    max_pref_response_length: Optional[int] = F(None, "Longest chosen/rejected in tokens incl. EOS for RM training; default: 169 for data.task=tldr (SFD), 2 x response_length for tldr-synth.", ge=1)
     skip_bad_rows: bool = F(False, "Skip malformed rows (counted and reported) instead of failing on the first.")
     synth: SynthConfig = F(SynthConfig(), "Generator settings for tldr-synth.")
     format: Literal["auto", "standard", "conversational"] = F("auto", "standard task: 'auto' accepts both per field (strings: standard, lists of {role, content}: conversational); or require one.")
@@ -308,7 +308,9 @@ class RunConfig(_Section):
     @property
     def pref_response_length(self) -> int:
         """Longest chosen/rejected response of RM training, in tokens incl. EOS."""
-        return self.data.max_pref_response_length or 2 * self.data.response_length
+        from rlhflab.data.tldr import pref_response_budget
+
+        return pref_response_budget(self.data.task, self.data.response_length, self.data.max_pref_response_length)
 
     @property
     def rm_max_length(self) -> int:

@@ -49,11 +49,14 @@ class SkipReport:
 
     ``total`` is the number of skipped rows, ``seen`` the number of rows read. The first
     ``keep_examples`` error messages are kept so a log can show what a skipped row looked like.
+    ``filtered`` counts rows left out by design rather than for being malformed (e.g. CNN/DM
+    comparisons in the TL;DR preference data), always, whatever ``skip_bad_rows`` says.
     """
 
     def __init__(self, file: str = "", keep_examples: int = 5) -> None:
         self.file = file
         self.counts: Counter[str] = Counter()
+        self.filtered: Counter[str] = Counter()
         self.examples: list[str] = []
         self.seen = 0
         self._keep = keep_examples
@@ -67,6 +70,7 @@ class SkipReport:
     def merge(self, other: "SkipReport") -> "SkipReport":
         """Add another report's counts (e.g. a file-level report into a tokenizer-level one)."""
         self.counts.update(other.counts)
+        self.filtered.update(other.filtered)
         self.seen += other.seen
         for e in other.examples:
             if len(self.examples) < self._keep:
@@ -78,15 +82,22 @@ class SkipReport:
         return sum(self.counts.values())
 
     def as_dict(self) -> dict:
-        """JSON-ready summary: ``{"file", "seen", "skipped", "reasons": {reason: count}, "examples"}``."""
-        return {"file": self.file, "seen": self.seen, "skipped": self.total,
-                "reasons": dict(sorted(self.counts.items())), "examples": list(self.examples)}
+        """JSON-ready summary: ``{"file", "seen", "skipped", "reasons": {reason: count}, "examples"}``,
+        plus ``"filtered": {reason: count}`` when rows were filtered."""
+        d = {"file": self.file, "seen": self.seen, "skipped": self.total,
+             "reasons": dict(sorted(self.counts.items())), "examples": list(self.examples)}
+        if self.filtered:
+            d["filtered"] = dict(sorted(self.filtered.items()))
+        return d
 
     def __str__(self) -> str:
+        kept = ""
+        if self.filtered:
+            kept = "; left out " + ", ".join(f"{n} {r}" for r, n in sorted(self.filtered.items()))
         if not self.total:
-            return f"{self.file}: no rows skipped ({self.seen} read)"
+            return f"{self.file}: no rows skipped ({self.seen} read){kept}"
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])))
-        return f"{self.file}: skipped {self.total} of {self.seen} rows ({reasons})"
+        return f"{self.file}: skipped {self.total} of {self.seen} rows ({reasons}){kept}"
 
     def __repr__(self) -> str:
         return f"SkipReport({self.as_dict()!r})"

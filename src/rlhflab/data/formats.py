@@ -416,7 +416,7 @@ def load_preference_data(cfg, split: str, tokenizer) -> tuple[list[PrefExample],
     from rlhflab.stages.common import preference_source
 
     return load_preferences(preference_source(cfg), split, tokenizer, cfg.data.max_query_length,
-                            cfg.data.response_length, cfg.data.skip_bad_rows, cfg.data.max_pref_response_length)
+                            cfg.data.response_length, cfg.data.skip_bad_rows, cfg.pref_response_length)
 
 
 def load_prompt_data(cfg, split: str, tokenizer) -> tuple[list, SkipReport]:

@@ -13,10 +13,17 @@ Huang et al. 2024 (arXiv 2403.17031) preprocessing, as in SFD's ``tldr_dataset.p
 
 * query = ``"SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:"``
   (detail: "Prompt/query format"), and while it is longer than ``max_query_length`` (512)
-  tokens the post is cut at its last newline (detail: "truncate at the last newline").
+  tokens the post is cut at its last newline (detail: "truncate at the last newline"), or,
+  when no newline is left, by one character (SFD's ``process_query``).
   Queries are not padded here; the collators pad (left for generation).
 * reference response = ``" {summary}<eos>"`` (detail: "a leading space and EOS"); SFD
   drops references longer than ``response_length`` (53) tokens, so they are bad rows here.
+* the "comparisons" validation split also holds CNN/DM comparisons (an ``info.article``
+  instead of a post); SFD moves them to a separate ``validation_cnndm`` split. Here they are
+  left out of the TL;DR splits and counted (``SkipReport.filtered``), whatever
+  ``skip_bad_rows`` says.
+* RM responses may be up to 169 tokens on real TL;DR (SFD's ``max_rm_response_length``):
+  :func:`pref_response_budget`.
 
 Every malformed row raises :class:`DataError` naming file, row and field, or with
 ``skip_bad_rows=True`` is skipped and counted in a :class:`SkipReport`.
@@ -35,7 +42,7 @@ log = logging.getLogger(__name__)
 
 QUERY_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 SFT_COLUMNS = ("id", "subreddit", "title", "post", "summary")
-INFO_FIELDS = ("id", "post", "title", "subreddit")  # post before title: CNN/DM rows fail as "no post"
+INFO_FIELDS = ("id", "post", "title", "subreddit")
 FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrow")
 PREFERENCE_HF_NAME = "openai/summarize_from_feedback"
 
@@ -50,6 +57,15 @@ R_RESPONSE_LONG = "response too long"
 R_CHOICE = "bad choice"
 R_SUMMARIES = "bad summaries"
 R_DISAGREE = "chosen/rejected disagree with summaries"
+R_CNNDM = "CNN/DM row"  # filtered by design (SkipReport.filtered), not a bad row
+
+# SFD (summarize_from_feedback_details/tldr_dataset.py, ``cnndm_batches``): the batches of the
+# openai/summarize_from_feedback "comparisons" validation split that are CNN/DM articles.
+CNNDM_BATCHES = ("batch0_cnndm", "cnndm0", "cnndm2")
+# SFD's token budgets for real TL;DR (tldr_dataset.py ``tldr_params``): chosen/rejected
+# responses of the RM data are up to 169 tokens (EOS included); SFT references up to 53.
+SFD_TLDR_RM_RESPONSE_LENGTH = 169
+EOS_TEXT = "<|endoftext|>"  # SFD's preprocessed datasets store chosen/rejected as text + this
 
 
 class SFTExample(NamedTuple):
@@ -72,7 +88,8 @@ class SFTExample(NamedTuple):
 
 class PrefExample(NamedTuple):
     """One comparison. ``chosen_ids``/``rejected_ids``: tokens of ``chosen``/``rejected``
-    followed by EOS, each at most ``max_response_length`` (default 2 x response_length)."""
+    followed by EOS, each at most ``max_response_length`` (the RM stage uses
+    :func:`pref_response_budget`: 169 for real TL;DR, 2 x response_length for tldr-synth)."""
 
     id: str
     query: str
@@ -170,9 +187,13 @@ def _read_hub(name: str, split: str, kind: str) -> tuple[list[Any], str]:
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001 - offline, unknown name, unknown split: all the same to the user
+        hint = "offline? pass a local file or folder instead"
+        if "scripts are no longer supported" in str(e):
+            # openai/summarize_from_feedback is a loading-script dataset, which datasets>=4 refuses.
+            hint = ("datasets>=4 cannot run this dataset's loading script; use a parquet copy such as SFD's "
+                    "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144, or local files")
         raise DataError(label, None, None,
-                        f"cannot load from the Hugging Face hub ({type(e).__name__}: {e}); "
-                        "offline? pass a local file or folder instead") from None
+                        f"cannot load from the Hugging Face hub ({type(e).__name__}: {e}); {hint}") from None
     return ds.to_list(), label
 
 
@@ -253,38 +274,49 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _truncated_query_ids(tokenizer: Any, fields: Sequence[tuple[str, str, str]], max_query_length: int
-                         ) -> tuple[list[Optional[list[int]]], list[str]]:
-    """Huang's truncation for many rows at once.
+def _truncated_query_ids(tokenizer: Any, fields: Sequence[tuple[str, str, str]], max_query_length: int,
+                         chunk: int = 32) -> tuple[list[Optional[list[int]]], list[str]]:
+    """Huang's truncation for many rows at once, cutting as SFD's ``process_query`` does.
 
     For each ``(subreddit, title, post)``: while the tokenised query is longer than
-    ``max_query_length``, cut the post at its last newline and strip trailing whitespace.
-    All rows still too long are re-encoded together in each round, so the fast tokenizer works
-    in batches. Returns ``(ids, posts)``: ids None where the query cannot fit (no newline left,
-    or nothing of the post left), and the (possibly truncated) posts.
+    ``max_query_length``, the post is cut before its last newline (``post[:post.rindex("\n")]``,
+    so ``"a\n\nb"`` becomes ``"a\n"``, then ``"a"``) or, when no newline is left, shortened by one
+    character (SFD: ``truncate_text="\n"`` with the ``i = -1`` fallback,
+    summarize_from_feedback_details/tldr_dataset.py). The first candidate in that sequence whose
+    query fits is kept, so the result is SFD's. Candidates of all rows still too long are encoded
+    in one batch per round: one newline cut per row, or up to ``chunk`` successive one-character
+    cuts (all of which SFD would try, in this order).
 
-    Two small departures from SFD's ``process_query``, both deliberate: the cut post is
-    right-stripped (SFD keeps the dangling ``"\n"``, giving ``"...\n\n\nTL;DR:"``), and a post with
-    no newline left is a bad row, where SFD falls back to dropping one character at a time
-    (which cuts mid-word and hides posts that cannot be summarised within the budget).
+    Returns ``(ids, posts)``: the (possibly truncated) posts and their query ids, None where the
+    query cannot fit before the post is cut to nothing or whitespace. (That is the one departure
+    from SFD, which cuts on to an empty post and keeps a query with an empty post if it fits.)
     """
     posts = [p for _, _, p in fields]
     ids: list[Optional[list[int]]] = list(_encode(tokenizer, [format_query(s, t, p) for s, t, p in fields]))
     pending = [i for i, x in enumerate(ids) if len(x) > max_query_length]
     while pending:
-        cut_rows = []
+        candidates: list[tuple[int, str]] = []
         for i in pending:
-            cut = posts[i].rfind("\n")
-            shorter = posts[i][:cut].rstrip() if cut >= 0 else ""
-            if not shorter.strip():
-                ids[i] = None  # cannot fit: no newline left or nothing of the post left
+            post = posts[i]
+            cut = post.rfind("\n")
+            if cut >= 0:
+                candidates.append((i, post[:cut]))
+            else:
+                candidates.extend((i, post[: len(post) - k]) for k in range(1, min(chunk, len(post)) + 1))
+        encoded = _encode(tokenizer, [format_query(fields[i][0], fields[i][1], c) for i, c in candidates])
+        settled: set[int] = set()
+        for (i, post), x in zip(candidates, encoded):
+            if i in settled:
                 continue
-            posts[i] = shorter
-            cut_rows.append(i)
-        encoded = _encode(tokenizer, [format_query(fields[i][0], fields[i][1], posts[i]) for i in cut_rows])
-        for i, x in zip(cut_rows, encoded):
-            ids[i] = x
-        pending = [i for i in cut_rows if len(ids[i]) > max_query_length]
+            if not post.strip():
+                ids[i] = None  # cannot fit: nothing of the post left
+                settled.add(i)
+                continue
+            posts[i] = post
+            if len(x) <= max_query_length:
+                ids[i] = x
+                settled.add(i)
+        pending = [i for i in pending if i not in settled]
     return ids, posts
 
 
@@ -294,8 +326,8 @@ def build_query_ids(tokenizer: Any, subreddit: str, title: str, post: str, max_q
     Returns an unpadded list of at most ``max_query_length`` ids.
 
     Raises:
-        DataError: ``field 'post'`` when the query cannot fit even after cutting the post at
-            every newline.
+        DataError: ``field 'post'`` when the query cannot fit even with the post cut to its
+            first character.
     """
     ids, _ = _truncated_query_ids(tokenizer, [(subreddit, title, post)], max_query_length)
     if ids[0] is None:
@@ -304,7 +336,8 @@ def build_query_ids(tokenizer: Any, subreddit: str, title: str, post: str, max_q
 
 
 def _too_long_problem(max_query_length: int) -> str:
-    return f"post cannot fit in {max_query_length} tokens even after truncation at its last newline"
+    return (f"post cannot fit in {max_query_length} tokens even after truncation (at its newlines, then "
+            "character by character): the subreddit and title alone are too long")
 
 
 def response_text(text: str) -> str:
@@ -355,6 +388,30 @@ def _validate_sft_row(row: Any, file: str, i: int) -> tuple[str, str, str, str, 
             _get_str(row, "summary", "summary", file, i, nonempty=True))
 
 
+def is_cnndm_row(row: Any) -> bool:
+    """True for a CNN/DM comparison of ``openai/summarize_from_feedback``: its ``batch`` is one of
+    SFD's :data:`CNNDM_BATCHES`, or (files without ``batch``) its ``info`` has an article and no post."""
+    if not isinstance(row, dict):
+        return False
+    if row.get("batch") in CNNDM_BATCHES:
+        return True
+    info = row.get("info")
+    return isinstance(info, dict) and info.get("post") is None and bool(info.get("article"))
+
+
+def pref_response_budget(task: str, response_length: int, max_pref_response_length: Optional[int] = None) -> int:
+    """Longest chosen/rejected response (tokens, EOS included) kept for reward-model data.
+
+    ``max_pref_response_length`` when set; else SFD's 169 for real TL;DR (``task="tldr"``:
+    the labelled summaries came from many policies, some far longer than the 53-token SFT
+    references), and ``2 * response_length`` for tldr-synth (its labelled summaries are at
+    most ~78 tokens, so this keeps every one).
+    """
+    if max_pref_response_length is not None:
+        return max_pref_response_length
+    return SFD_TLDR_RM_RESPONSE_LENGTH if task == "tldr" else 2 * response_length
+
+
 def _validate_pref_row(row: Any, file: str, i: int) -> tuple[str, str, str, str, str, str]:
     """-> (id, subreddit, title, post, chosen_text, rejected_text) of a valid comparison row."""
     row = _as_row(row, file, i)
@@ -364,9 +421,8 @@ def _validate_pref_row(row: Any, file: str, i: int) -> tuple[str, str, str, str,
     if not isinstance(info, dict):
         raise DataError(file, i, "info", f"expected an object, got {_describe(info)}", R_TYPE)
     id_ = _get_str(info, "id", "info.id", file, i)
-    if info.get("post") is None:
-        hint = " (a CNN/DM row: it has info.article)" if info.get("article") else ""
-        raise DataError(file, i, "info.post", f"missing or null{hint}; only TL;DR posts are used, "
+    if info.get("post") is None:  # CNN/DM rows (info.article) were filtered out before
+        raise DataError(file, i, "info.post", "missing or null; only TL;DR posts are used, "
                         "set data.skip_bad_rows=true to skip such rows", R_NO_POST)
     post = _get_str(info, "post", "info.post", file, i, nonempty=True)
     title = _get_str(info, "title", "info.title", file, i)
@@ -401,7 +457,10 @@ def _validate_pref_row(row: Any, file: str, i: int) -> tuple[str, str, str, str,
             continue
         if not isinstance(value, str):
             raise DataError(file, i, col, f"expected a string, got {_describe(value)}", R_TYPE)
-        if value.strip() != expected.strip():
+        value = value.strip()
+        if value.endswith(EOS_TEXT):  # SFD's preprocessed copies: f"{text}<|endoftext|>"
+            value = value[: -len(EOS_TEXT)].strip()
+        if value != expected.strip():
             raise DataError(file, i, col, f"does not match summaries[{idx}].text (choice={choice})", R_DISAGREE)
     return id_, subreddit, title, post, chosen, rejected
 
@@ -475,6 +534,9 @@ def tokenize_preferences(rows: Sequence[Any], tokenizer: Any, max_query_length: 
     and longer ones are bad rows rather than silently truncated (truncation would cut off the
     EOS the RM scores at).
 
+    CNN/DM comparisons (:func:`is_cnndm_row`) are not TL;DR rows: they are left out and
+    counted in ``report.filtered[R_CNNDM]`` (SFD moves them to a ``validation_cnndm`` split).
+
     Returns ``(examples, report)``; raises like :func:`tokenize_sft`.
     """
     _check_tokenizer(tokenizer)
@@ -483,6 +545,9 @@ def tokenize_preferences(rows: Sequence[Any], tokenizer: Any, max_query_length: 
     report.seen = len(rows)
     good: list[tuple[int, tuple[str, str, str, str, str, str]]] = []
     for i, row in enumerate(rows):
+        if is_cnndm_row(row):
+            report.filtered[R_CNNDM] += 1
+            continue
         try:
             good.append((i, _validate_pref_row(row, file_label, i)))
         except DataError as e:
@@ -506,7 +571,8 @@ def tokenize_preferences(rows: Sequence[Any], tokenizer: Any, max_query_length: 
             for col, ids in (("chosen", chosen_ids[k]), ("rejected", rejected_ids[k])):
                 if len(ids) > limit:
                     raise DataError(file_label, i, col, f"{col} response is {len(ids)} tokens with EOS, more than "
-                                    f"the {limit} allowed for reward-model data", R_RESPONSE_LONG)
+                                    f"the {limit} allowed for reward-model data (data.max_pref_response_length)",
+                                    R_RESPONSE_LONG)
         except DataError as e:
             if not skip_bad_rows:
                 raise
@@ -519,7 +585,7 @@ def tokenize_preferences(rows: Sequence[Any], tokenizer: Any, max_query_length: 
 
 # ------------------------------------------------------------------------ convenience
 def _skip_log(report: SkipReport) -> None:
-    if report.total:
+    if report.total or report.filtered:  # the CLI shows warnings only: filtered rows are never silent
         log.warning("%s", report)
 
 

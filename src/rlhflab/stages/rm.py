@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from rlhflab.config import RunConfig, derive_batch, save_config
 from rlhflab.data.formats import load_preference_data, reference_texts
-from rlhflab.data.tldr import load_split, tokenize_sft
+from rlhflab.data.tldr import R_CNNDM, load_split, tokenize_sft
 from rlhflab.errors import StageError
 from rlhflab.models.card import write_model_card
 from rlhflab.models.policy import count_parameters, load_tokenizer, position_ids_from_mask
@@ -420,6 +420,9 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
             "data/train_pairs": len(train), "data/validation_pairs": len(val),
             "data/train_skipped": train_skips.total, "data/validation_skipped": val_skips.total,
             "data/skip_reasons": {"train": dict(train_skips.counts), "validation": dict(val_skips.counts)},
+            # CNN/DM comparisons of the real validation split: left out of TL;DR RM data, counted (SFD).
+            "data/cnndm_rows_skipped": train_skips.filtered[R_CNNDM] + val_skips.filtered[R_CNNDM],
+            "data/max_pref_response_length": pref_budget,
             "model/parameters": n_params, "num_processes": accelerator.num_processes,
             "batch/grad_accum": sizes.grad_accum, "time/wall_s": round(elapsed_before + time.time() - t_start, 2),
             "reward_dir": str(stage_dir / "reward"),
