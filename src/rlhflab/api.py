@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from rlhflab.config import ConfigError, RunConfig, load_config, parse_overrides, _merge
+from rlhflab.config import ConfigError, RunConfig, _merge, _read_yaml, _set_dotted, parse_overrides
 
 ConfigLike = Union[RunConfig, dict, str, Path, None]
 Overrides = Union[dict, Sequence[str], None]
@@ -40,18 +40,21 @@ Overrides = Union[dict, Sequence[str], None]
 def make_config(config: ConfigLike = None, overrides: Overrides = None) -> RunConfig:
     """A validated :class:`RunConfig` from a RunConfig, a dict of sections, or a YAML file /
     built-in name (default ``"default"``), with ``overrides`` applied (dotted keys)."""
-    if isinstance(overrides, dict):
-        overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
-    overrides = list(overrides or [])
+    if isinstance(overrides, dict):  # values as given (no string parsing): {"name": "123"} stays a string
+        upd: dict = {}
+        for key, value in overrides.items():
+            _set_dotted(upd, key, value)
+    else:
+        upd = parse_overrides(list(overrides or []))
     if isinstance(config, RunConfig):
-        if not overrides:
+        if not upd:
             return config
         tree = config.model_dump(mode="json")
     elif isinstance(config, dict):
         tree = config
     else:
-        return load_config(config or "default", overrides)
-    return _validate(_merge(tree, parse_overrides(overrides)))
+        return _validate(_merge(_read_yaml(config or "default"), upd))
+    return _validate(_merge(tree, upd))
 
 
 def _validate(tree: dict) -> RunConfig:
@@ -192,7 +195,8 @@ def ppo(config: ConfigLike = None, overrides: Overrides = None, *, policy: Any =
     ``model.sft_policy`` / ``<run>/sft/policy``); ``reward_model``: a trained
     :class:`~rlhflab.models.reward.RewardModel` or its folder (default ``model.reward_model``);
     ``reward``: a reward function, a ``(weight, fn)`` pair, or a list of them (see the module
-    docstring); ``prompts``: SFT rows whose queries PPO trains on.
+    docstring; given together with ``reward_model``, the RM stays in the sum); ``prompts``: SFT
+    rows whose queries PPO trains on.
     """
     from rlhflab.stages.ppo import main
 
@@ -208,7 +212,7 @@ def ppo(config: ConfigLike = None, overrides: Overrides = None, *, policy: Any =
             reward_model.save(rm_path)
         cfg = _with(cfg, model__reward_model=rm_path)
     fns = _reward_fns(reward)
-    if fns and cfg.reward == RunConfig().reward:  # functions replace the default reward (the trained RM)
+    if fns and cfg.reward == RunConfig().reward and reward_model is None:  # functions replace the default RM reward
         cfg = _with(cfg, reward__sources=[])
     data = _write_dataset(cfg, prompts, "sft")
     if data:

@@ -12,7 +12,7 @@ Protocols (``reward.sources[].protocol``):
   are the rows' ``label`` column when there is one, else empty strings.
 
 Failure policy -- never a hang, never a silent zero: every request has a timeout
-(``timeout_s``); connection errors, timeouts and HTTP 429/5xx are retried ``max_retries`` times
+(``timeout_s``, on connecting and on each read); connection errors, timeouts and HTTP 429/5xx are retried ``max_retries`` times
 with exponential backoff (``backoff_base_s`` doubling), then raise :class:`RewardError` naming
 the URL; other HTTP errors (4xx) and bad answers (not JSON, no score list, wrong length,
 non-numbers, NaN/inf) raise at once, since asking again would get the same answer.
@@ -26,6 +26,7 @@ import logging
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Sequence
 
@@ -48,6 +49,10 @@ class RemoteSource:
         self.batch_size = batch_size
         self.headers = {"Content-Type": "application/json", **(headers or {})}
         self.name = f"remote:{url}"
+        # A loopback server is reached directly, never through an http_proxy from the environment.
+        host = urllib.parse.urlsplit(url).hostname or ""
+        handlers = [urllib.request.ProxyHandler({})] if host in ("localhost", "127.0.0.1", "::1") else []
+        self._opener = urllib.request.build_opener(*handlers)
 
     # -- one HTTP exchange, with retries --------------------------------------------------
     def post(self, body: dict) -> Any:
@@ -59,7 +64,7 @@ class RemoteSource:
                 time.sleep(self.backoff_base_s * 2 ** (attempt - 1))
             req = urllib.request.Request(self.url, data=data, headers=self.headers, method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                with self._opener.open(req, timeout=self.timeout_s) as resp:
                     raw = resp.read()
             except urllib.error.HTTPError as e:
                 detail = e.read()[:200].decode("utf-8", "replace")
