@@ -31,13 +31,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(stage: str, out_dir: Path, data_dir: Path, overrides: tuple[str, ...]) -> dict:
+def _launch(stage: str, out_dir: Path, data_dir: Path, overrides: tuple[str, ...], stop_after: int = 0,
+            resume: bool = False) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RLHFLAB_NO_PROGRESS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("RLHFLAB_STOP_AFTER_STEP", None)
+    if stop_after:
+        env["RLHFLAB_STOP_AFTER_STEP"] = str(stop_after)
     cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            "-m", "rlhflab.cli", stage, "--config", "smoke", f"out_dir={out_dir}", f"data.dir={data_dir}",
-           *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           *overrides, *(["--resume"] if resume else [])]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if stop_after:
+        assert proc.returncode != 0 and "RLHFLAB_STOP_AFTER_STEP" in proc.stderr, proc.stderr[-3000:]
+        return {}
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out_dir / "smoke" / stage / "metrics.json").read_text())
 
@@ -76,4 +83,33 @@ def test_sft_and_rm_with_two_processes_match_one(smoke_rm_run, synth_data_dir, s
     _assert_close_runs(one / "rm", two / "rm", ("train/loss", "train/accuracy", "train/margin"))
     ref = json.loads((one / "rm" / "metrics.json").read_text())
     assert rm_metrics["eval/accuracy"] == pytest.approx(ref["eval/accuracy"], abs=1 / 32 + 1e-9)
+    assert rm_metrics["rm/bias"] == pytest.approx(ref["rm/bias"], rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp2_sft_and_rm_on_two_processes_follow_one_and_resume(smoke_rm_run, synth_data_dir, smoke_data_overrides,
+                                                                  tmp_path):
+    """parallel.sharding=fsdp2 on 2 processes: SFT (interrupted after step 4 and resumed from its
+    sharded checkpoint) and RM follow the unsharded 1-process runs (same tolerances as above)."""
+    from safetensors.torch import load_file
+
+    one = smoke_rm_run.run_dir
+    over = (*smoke_data_overrides, "parallel.sharding=fsdp2")
+    _launch("sft", tmp_path, synth_data_dir, over, stop_after=4)
+    two = tmp_path / "smoke"
+    assert (two / "sft" / "state" / "ckpt-00000004" / "shards" / ".metadata").is_file()
+    _launch("sft", tmp_path, synth_data_dir, over, resume=True)
+    _assert_close_runs(one / "sft", two / "sft", ("train/loss", "train/grad_norm", "eval/loss"))
+    a = load_file(one / "sft" / "policy" / "model.safetensors")
+    b = load_file(two / "sft" / "policy" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+    shutil.rmtree(two / "sft")
+    shutil.copytree(one / "sft", two / "sft")
+    rm_metrics = _launch("rm", tmp_path, synth_data_dir, over)
+    assert rm_metrics["num_processes"] == 2
+    _assert_close_runs(one / "rm", two / "rm", ("train/loss", "train/accuracy", "train/margin"))
+    ref = json.loads((one / "rm" / "metrics.json").read_text())
     assert rm_metrics["rm/bias"] == pytest.approx(ref["rm/bias"], rel=1e-3, abs=1e-4)

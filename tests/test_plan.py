@@ -156,3 +156,44 @@ def test_cli_plan_table_json_and_exit_status(capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["plan", "--config", "default", "model.policy=nope/nope"]) == 2
     assert "model.policy='nope/nope'" in capsys.readouterr().err
+
+
+def _saved_bytes(model, ids, mask) -> int:
+    """Bytes of the tensors autograd saves for the backward of one backbone forward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.base_model(input_ids=ids, attention_mask=mask)
+    return sum(seen.values())
+
+
+def test_activation_formula_matches_the_tensors_autograd_saves():
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from rlhflab.models.policy import disable_dropout, fuse_gelu
+
+    torch.manual_seed(0)
+    cases = [
+        (LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100), LlamaForCausalLM),
+        (LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=128, vocab_size=100), LlamaForCausalLM),
+        (GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, vocab_size=100), GPTNeoXForCausalLM),
+        (GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0), GPT2LMHeadModel),
+    ]
+    ids = torch.randint(0, 100, (2, 32))
+    mask = torch.ones(2, 32, dtype=torch.long)
+    mask[0, :5] = 0  # left padding, as in PPO
+    for cfg, cls in cases:
+        model = disable_dropout(cls(cfg)).train()
+        fuse_gelu(model)  # what prepare_ppo_models does before PPO (GPT-2's gelu_new -> one fused op)
+        a = arch_from_hf_config(cfg.to_dict())
+        predicted = 2 * 32 * (a.layers * a.activation_elems_per_token_layer() + 3 * a.hidden) * 4
+        measured = _saved_bytes(model, ids, mask)
+        assert abs(predicted - measured) / measured < 0.06, (cls.__name__, predicted, measured)

@@ -43,10 +43,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path, tpl, name, processes):
+def _run(tmp_path, tpl, name, processes, extra=()):
     make_run(tpl, tmp_path, name)  # copy the SFT policy and RM into the run folder, once
     script = tmp_path / f"run_{name}.py"
-    script.write_text(RUNNER.format(tests=str(Path(__file__).parent), tpl=str(tpl), root=str(tmp_path), name=name, over=OVERRIDES))
+    script.write_text(RUNNER.format(tests=str(Path(__file__).parent), tpl=str(tpl), root=str(tmp_path), name=name,
+                                    over=OVERRIDES + tuple(extra)))
     env = {**os.environ, "RLHFLAB_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     env.pop("RLHFLAB_STOP_AFTER_STEP", None)
     if processes == 1:
@@ -63,11 +64,15 @@ def _run(tmp_path, tpl, name, processes):
     return tmp_path / name / "ppo"
 
 
+# none: plain data parallel (FSDP2 on an (N, 1) mesh, rlhflab.parallel); fsdp2: sharded policy and
+# critic, with the rollout sampled 2 rows at a time and the ref/critic/RM forwards 1 row at a time.
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("parallel.sharding=fsdp2", "ppo.rollout_batch_size=2", "ppo.forward_batch_size=1")],
+                         ids=["data-parallel", "fsdp2"])
+def test_two_processes_match_one(tmp_path, extra):
     tpl = build_inputs(tmp_path / "inputs")
     one = _run(tmp_path, tpl, "one", 1)
-    two = _run(tmp_path, tpl, "two", 2)
+    two = _run(tmp_path, tpl, "two", 2, extra)
     from safetensors.torch import load_file
 
     w1 = load_file(str(one / "policy" / "model.safetensors"))

@@ -5,6 +5,11 @@ its model directory); a finished stage is not redone. A stage that was interrupt
 ``state/`` holds a checkpoint but there is no ``metrics.json``) is resumed from that
 checkpoint. With ``seeds=N`` the stochastic stages (SFT, RM, PPO, eval) run once per seed in
 ``<run>/seed-<i>/`` sharing one dataset, and ``summary.json`` reports mean ± std.
+
+Under N processes (``accelerate launch ... -m rlhflab.cli run``) every process runs the
+training stages together (each writes its files from the main process only, see
+:mod:`rlhflab.parallel`); evaluation, the report and ``summary.json`` are the main process's
+job while the others wait, so every file is written exactly once.
 """
 
 from __future__ import annotations
@@ -129,14 +134,23 @@ def _with_seed(cfg: RunConfig, i: int, n: int) -> RunConfig:
 def run_pipeline(cfg: RunConfig, seeds: int = 1, stages: tuple[str, ...] = STAGES, log: Callable[[str], None] = print) -> dict:
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    from accelerate import PartialState
+
+    procs = PartialState()
+    is_main = procs.is_main_process
+    if not is_main:
+        log = lambda _msg: None  # noqa: E731 - one voice on the console
     t0 = time.time()
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.run_dir / "config.yaml")
+    if is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.run_dir / "config.yaml")
     per_seed = []
     for i in range(seeds):
         scfg = _with_seed(cfg, i, seeds)
-        scfg.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(scfg, scfg.run_dir / "config.yaml")
+        if is_main:
+            scfg.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(scfg, scfg.run_dir / "config.yaml")
+        procs.wait_for_everyone()
         if scfg.data.task == "tldr-synth":
             from rlhflab.stages.common import ensure_data
 
@@ -151,23 +165,31 @@ def run_pipeline(cfg: RunConfig, seeds: int = 1, stages: tuple[str, ...] = STAGE
                 + (f" (seed {i + 1}/{seeds})" if seeds > 1 else ""))
             ts = time.time()
             main = _runner(stage)
-            main(scfg, resume=True) if status == "interrupted" else main(scfg)
+            if stage == "eval" and not is_main:
+                pass  # evaluation keeps no state and writes eval/: one process runs it
+            else:
+                main(scfg, resume=True) if status == "interrupted" else main(scfg)
+            procs.wait_for_everyone()
             timings[stage] = round(time.time() - ts, 1)
             log(f"[rlhflab] {stage}: done in {timings[stage]:.0f}s")
-        from rlhflab.report.html import render_report
+        if is_main:
+            from rlhflab.report.html import render_report
 
-        report = render_report(scfg.run_dir)
-        log(f"[rlhflab] report: {report}")
-        h = headline(scfg)
-        h["time/stages_s"] = timings
-        write_json(scfg.run_dir / "summary.json", h)
-        per_seed.append(h)
+            report = render_report(scfg.run_dir)
+            log(f"[rlhflab] report: {report}")
+            h = headline(scfg)
+            h["time/stages_s"] = timings
+            write_json(scfg.run_dir / "summary.json", h)
+            per_seed.append(h)
+        procs.wait_for_everyone()
 
-    summary: dict[str, Any] = per_seed[0] if seeds == 1 else {"seeds": seeds, "per_seed": per_seed, "mean_std": _mean_std(per_seed)}
-    summary["time/total_s"] = round(time.time() - t0, 1)
-    summary["report"] = str(cfg.run_dir / ("report.html" if seeds == 1 else "seed-0/report.html"))
-    write_json(cfg.run_dir / "summary.json", summary)
-    return summary
+    if is_main:
+        summary: dict[str, Any] = per_seed[0] if seeds == 1 else {"seeds": seeds, "per_seed": per_seed, "mean_std": _mean_std(per_seed)}
+        summary["time/total_s"] = round(time.time() - t0, 1)
+        summary["report"] = str(cfg.run_dir / ("report.html" if seeds == 1 else "seed-0/report.html"))
+        write_json(cfg.run_dir / "summary.json", summary)
+    procs.wait_for_everyone()
+    return summary if is_main else json.loads((cfg.run_dir / "summary.json").read_text())
 
 
 def _mean_std(rows: list[dict]) -> dict:

@@ -233,10 +233,11 @@ class RewardModel:
         return scores - self.bias if normalize else scores
 
     # -- persistence --------------------------------------------------------------------
-    def save(self, out_dir: str | Path) -> None:
+    def save(self, out_dir: str | Path, state_dict: Optional[dict] = None) -> None:
+        """HF folder + tokenizer + bias; ``state_dict``: the full weights when the model is sharded (``parallel``)."""
         out = Path(out_dir)
         self.model.config.update({BIAS_KEY: self.bias, "rlhflab_max_length": self.max_length})
-        self.model.save_pretrained(out)
+        self.model.save_pretrained(out, state_dict=state_dict)
         self.tokenizer.save_pretrained(out)
 
     @classmethod

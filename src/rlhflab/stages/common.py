@@ -123,7 +123,9 @@ def policy_tokenizer(cfg: RunConfig, padding_side: str = "right"):
 def make_accelerator(bf16: bool = False):
     """An ``accelerate.Accelerator``: the GPU when there is one, else CPU (gloo for many
     processes); bf16 autocast only when asked. Gradient accumulation is done by the stages
-    themselves (they normalise by global token/pair counts), so none is configured here."""
+    themselves (they normalise by global token/pair counts), so none is configured here.
+    The stages pass ``bf16=False``: precision is ``parallel.mixed_precision``, applied by
+    ``rlhflab.parallel`` (which refuses a different ``accelerate launch --mixed_precision``)."""
     from accelerate import Accelerator
 
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if bf16 else "no")
@@ -249,32 +251,19 @@ def stop_after_step() -> Optional[int]:
 
 
 # ------------------------------------------------------------------- train state
-def save_train_state(manager, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                     extra: Optional[dict] = None) -> Path:
-    """Checkpoint ``state/ckpt-<step>/state.pt``: weights, optimizer, scheduler, RNG states, step,
-    plus ``extra`` (e.g. elapsed wall time). Atomic, via ``runtime.CheckpointManager``. Main process only."""
-    from rlhflab.runtime import rng_state
-
-    def write(tmp: Path) -> None:
-        torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng_state(), **(extra or {})}, tmp / "state.pt")
-
-    return manager.save(step, write)
-
-
 def load_train_state(ckpt_dir: Path) -> dict:
-    """What :func:`save_train_state` wrote (tensors on CPU; RNG states are Python objects, hence weights_only=False)."""
-    try:
-        return torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which
-        raise StageError(f"cannot read checkpoint {ckpt_dir / 'state.pt'}: {e}") from None
+    """``state.pt`` of a checkpoint (``parallel.Engine.save_checkpoint``), read with ``weights_only=True``."""
+    from rlhflab.parallel import load_state_file
+
+    return load_state_file(ckpt_dir)
 
 
 def restore_optimization(state: dict, optimizer, scheduler) -> tuple[int, float]:
-    """Put optimizer, scheduler and RNG states back from a checkpoint; return (step, elapsed_s)."""
+    """Put optimizer (when ``state`` still holds it), scheduler and RNG states back; return (step, elapsed_s)."""
     from rlhflab.runtime import set_rng_state
 
-    optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return int(state["step"]), float(state.get("elapsed_s", 0.0))

@@ -32,8 +32,9 @@ process computes the same global prompt order; process r samples, and runs the r
 all-gathered (a few ints/floats per token), so steps 5-6 -- including advantage whitening --
 run on the GLOBAL batch, identically on every process. Step 7 cuts each global minibatch
 into micro-batches; process r trains on its share of them and the gradients are averaged
-over processes (an explicit all-reduce, not DDP: the critic is read per token through its
-backbone, which bypasses a DDP wrapper's forward). What is equal between N processes and one:
+over processes in the backward by the engine of :mod:`rlhflab.parallel` (FSDP2: sharded with
+``parallel.sharding=fsdp2``, replicated otherwise; it hooks the backbone and the score head
+the critic is read through). What is equal between N processes and one:
 
 * the prompts of every update and their order (a pure function of seed and update);
 * the sampled tokens: each sample draws its Gumbel noise from its own generator seeded by
@@ -91,10 +92,10 @@ from rlhflab.errors import StageError
 from rlhflab.models.policy import fuse_gelu, load_policy, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import build_critic, is_decoder_rm, token_scores
 from rlhflab.monitor import KLMonitor, verdict_code
+from rlhflab.parallel import Engine, all_processes, make_engine, uses_collectives
 from rlhflab.rewards import reward_modules, score as score_rewards
 from rlhflab.runtime import (
     CheckpointManager,
-    atomic_save_dir,
     progress,
     rng_state,
     seed_everything,
@@ -265,7 +266,7 @@ def sample_responses(policy: nn.Module, query_ids: Tensor, query_mask: Tensor, r
         logprobs[:, t] = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
         if eos_token_id is not None:
             done |= tokens == eos_token_id
-            if bool(done.all()):
+            if all_processes(bool(done.all()), policy):  # a sharded policy's forward needs every process
                 break
         if t == response_length - 1:
             break
@@ -308,10 +309,15 @@ def collect_rollout(models: PPOModels, prompts: Sequence[Any], first_episode: in
     eos = tok.eos_token_id if p.stop_token == "eos" else None
 
     # 1. Rollout: sample with a KV cache; logprobs of the samples at temperature T (step 2, policy part).
+    #    ppo.rollout_batch_size rows at a time (a smaller KV cache); every row's tokens are the same
+    #    whatever chunk it is sampled in (its own noise, the global batch's padding).
     t0 = time.perf_counter()
     seeds = [sample_seed(p.seed, first_episode + i) for i in mine]
-    raw_responses, logprobs = sample_responses(models.policy, query_ids, query_mask, response_length, p.temperature,
-                                               seeds, eos, tok.pad_token_id, bf16=p.bf16)
+    rb = p.rollout_batch_size or per
+    chunks = [sample_responses(models.policy, query_ids[c:c + rb], query_mask[c:c + rb], response_length,
+                               p.temperature, seeds[c:c + rb], eos, tok.pad_token_id, bf16=p.bf16)
+              for c in range(0, per, rb)]
+    raw_responses, logprobs = torch.cat([x for x, _ in chunks]), torch.cat([lp for _, lp in chunks])
     t1 = time.perf_counter()
 
     # 3. Truncate after the first EOS (Huang detail); pads after it are masked everywhere except,
@@ -320,7 +326,7 @@ def collect_rollout(models: PPOModels, prompts: Sequence[Any], first_episode: in
     vmask = value_mask(response_mask, p.score_placement)
 
     # 2. ref_logprobs and values: forwards on query+response, position ids skipping left padding.
-    fb = forward_batch_size or p.micro_batch_size
+    fb = forward_batch_size or p.forward_batch_size or p.micro_batch_size
     ref_logprobs = torch.zeros_like(logprobs)
     values = torch.zeros_like(logprobs)
     for s in range(0, per, fb):
@@ -372,22 +378,6 @@ def compute_advantages(rollout: Rollout, kl_coef: float, p: PPOConfig) -> PPOBat
 
 
 # ============================================================================ step 7
-def _average_gradients(params: list[nn.Parameter], accelerator) -> None:
-    """Mean of every gradient over processes, in one flat all-reduce (what DDP would do)."""
-    if accelerator.num_processes == 1:
-        return
-    for prm in params:
-        if prm.grad is None:
-            prm.grad = torch.zeros_like(prm)
-    flat = torch.cat([prm.grad.reshape(-1) for prm in params])
-    flat = accelerator.reduce(flat, "mean")
-    offset = 0
-    for prm in params:
-        n = prm.numel()
-        prm.grad.copy_(flat[offset: offset + n].view_as(prm))
-        offset += n
-
-
 class NonFiniteError(StageError):
     """Loss, scores or rewards became NaN/inf."""
 
@@ -399,7 +389,8 @@ def ppo_train(models: PPOModels, optimizer: torch.optim.Optimizer, batch: PPOBat
     Each epoch shuffles the global batch with a generator seeded by (seed, update, epoch);
     minibatch m is a contiguous block of that permutation, cut into micro-batches of
     ``p.micro_batch_size``; this process trains on its contiguous share of them (gradient
-    accumulation), then gradients are averaged over processes, clipped (policy and critic
+    accumulation; the models' FSDP2 hooks average gradients over processes in the backward,
+    :mod:`rlhflab.parallel`), then gradients are clipped (policy and critic
     jointly, as SFD's single optimizer over both), and AdamW steps.
 
     Returns the mean over all micro-batches of ``policy/approxkl_token_avg``, ``policy/clipfrac_avg``,
@@ -413,6 +404,10 @@ def ppo_train(models: PPOModels, optimizer: torch.optim.Optimizer, batch: PPOBat
     mb, accum = sizes.micro_batch, sizes.grad_accum
     rank = accelerator.process_index
     params = [x for x in list(models.policy.parameters()) + list(models.critic.parameters()) if x.requires_grad]
+    # Wrapped models sync gradients themselves and their forwards need every process.
+    collective = uses_collectives(models.policy)
+    if accelerator.num_processes > 1 and not (collective and uses_collectives(models.critic)):
+        raise StageError("ppo_train on several processes needs models wrapped by rlhflab.parallel (Engine.prepare)")
     keys = ("approxkl", "clipfrac", "entropy", "pg_loss", "vf_loss", "vf_clipfrac", "ratio")
     sums = {k: torch.zeros((), device=device) for k in keys}
     count = 0
@@ -443,7 +438,7 @@ def ppo_train(models: PPOModels, optimizer: torch.optim.Optimizer, batch: PPOBat
                 if bad is None and not bool(torch.isfinite(loss)):
                     bad = (f"non-finite PPO loss at update {update} (epoch {epoch + 1}, minibatch {m + 1}, micro-batch "
                            f"{k + 1}): policy loss={pg_loss.item()}, value loss={vf_loss.item()}")
-                if bad is not None:
+                if bad is not None and not collective:  # wrapped: keep step with the others; raised below
                     break
                 (loss / accum).backward()
                 with torch.no_grad():
@@ -459,7 +454,6 @@ def ppo_train(models: PPOModels, optimizer: torch.optim.Optimizer, batch: PPOBat
                 flag = accelerator.reduce(flag, "sum")
             if float(flag) > 0:
                 raise NonFiniteError(bad or f"non-finite PPO loss at update {update} on another process")
-            _average_gradients(params, accelerator)
             if p.optim.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, p.optim.max_grad_norm)
             optimizer.step()
@@ -542,12 +536,14 @@ def ppo_update(models: PPOModels, optimizer: torch.optim.Optimizer, scheduler, k
 
 
 # ========================================================================== loading
-def load_ppo_models(cfg: RunConfig, device: torch.device, reward_fns: Sequence[tuple[float, Any]] = ()
-                    ) -> tuple[PPOModels, str, str]:
+def load_ppo_models(cfg: RunConfig, device: torch.device, reward_fns: Sequence[tuple[float, Any]] = (),
+                    engine: Optional[Engine] = None) -> tuple[PPOModels, str, str]:
     """Policy and reference from ``model.sft_policy`` (default ``<run>/sft/policy``), the reward
     of ``reward.sources`` (default: the RM at ``model.reward_model`` or ``<run>/rm/reward``) plus
     in-memory ``reward_fns`` ((weight, callable) pairs), critic from the RM (Huang) or a new
-    value head on the SFT backbone. Returns (models, critic kind, note)."""
+    value head on the SFT backbone. Returns (models, critic kind, note).
+    ``engine``: places the trained models (policy, critic: ``Engine.prepare``) and the frozen
+    ones (reference, trained RM: ``Engine.frozen``); None keeps them as loaded (fp32, unwrapped)."""
     from rlhflab.models.sources import sft_policy_dir
     from rlhflab.rewards import build_reward, trained_rm, trained_rm_dir
 
@@ -575,7 +571,13 @@ def load_ppo_models(cfg: RunConfig, device: torch.device, reward_fns: Sequence[t
         critic = build_critic(rm_dir)  # Huang: the critic starts as the RM
     else:
         critic = build_critic(sft_dir, reinit_head=True, seed=cfg.ppo.seed)
-    return prepare_ppo_models(PPOModels(policy, ref_policy, critic.to(device), reward, tokenizer)), critic_kind, note
+    models = prepare_ppo_models(PPOModels(policy, ref_policy, critic.to(device), reward, tokenizer))
+    if engine is not None:
+        models.policy, models.critic = engine.prepare(models.policy), engine.prepare(models.critic)
+        models.ref_policy = engine.frozen(models.ref_policy)
+        if rm is not None:
+            rm.model = engine.frozen(rm.model)
+    return models, critic_kind, note
 
 
 def prepare_ppo_models(models: PPOModels) -> PPOModels:
@@ -638,7 +640,6 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
     from rlhflab.stages.common import (
         StopRequested,
         global_batch_indices,
-        load_train_state,
         restore_optimization,
         make_accelerator,
         make_optimizer,
@@ -651,6 +652,9 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
     t_start = time.time()
     p = cfg.ppo
     accelerator = make_accelerator()
+    engine = make_engine(cfg, accelerator)  # sharding, precision, checkpoints (rlhflab.parallel)
+    if engine.pc.mixed_precision == "bf16" and not engine.wrapped:
+        p = p.model_copy(update={"bf16": True})  # unsharded mixed precision is bf16 autocast, ppo.bf16's path
     is_main, device = accelerator.is_main_process, accelerator.device
     stage_dir, tb_dir = stage_dirs(cfg, "ppo")
     done = prepare_stage_dir(stage_dir, "policy", resume=resume, force=force, is_main=is_main)
@@ -666,10 +670,10 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
 
     # Models, prompts, optimizer (AdamW eps 1e-5 over policy + critic), linear LR anneal (Huang).
     seed_everything(p.seed)
-    models, critic_kind, critic_note = load_ppo_models(cfg, device, reward_fns)
+    models, critic_kind, critic_note = load_ppo_models(cfg, device, reward_fns, engine)
     prompts = load_prompts(cfg, models.tokenizer)
     optimizer = make_optimizer(list(models.policy.parameters()) + list(models.critic.parameters()), p.optim,
-                               fused=True)
+                               fused=not engine.wrapped)  # torch's fused AdamW takes no DTensors
     scheduler = make_scheduler(optimizer, "linear" if p.anneal_lr else "constant", num_updates, p.optim.warmup_ratio)
     kl_ctl = make_kl_controller(p)
 
@@ -677,23 +681,16 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
     start, elapsed_before = 0, 0.0
     latest = ckpts.latest() if resume else None
     if latest is not None:
-        state = load_train_state(latest)
-        models.policy.load_state_dict(state["policy"])
-        models.critic.load_state_dict(state["critic"])
+        state = engine.load_checkpoint(latest, {"policy": models.policy, "critic": models.critic}, optimizer)
         kl_ctl.load_state_dict(state["kl_controller"])
         start, elapsed_before = restore_optimization(state, optimizer, scheduler)
         del state
 
-    def save_state(step: int) -> None:
-        if is_main:
-            def write(tmp: Path) -> None:
-                torch.save({"step": step, "episode": step * p.batch_size, "data_position": step * p.batch_size,
-                            "policy": models.policy.state_dict(), "critic": models.critic.state_dict(),
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "kl_controller": kl_ctl.state_dict(), "rng": rng_state(),
-                            "elapsed_s": elapsed_before + time.time() - t_start}, tmp / "state.pt")
-            ckpts.save(step, write)
-        accelerator.wait_for_everyone()
+    def save_state(step: int) -> None:  # every process: a sharded state is written by all
+        engine.save_checkpoint(ckpts, step, {"policy": models.policy, "critic": models.critic}, optimizer,
+                               {"step": step, "episode": step * p.batch_size, "data_position": step * p.batch_size,
+                                "scheduler": scheduler.state_dict(), "kl_controller": kl_ctl.state_dict(),
+                                "rng": rng_state(), "elapsed_s": elapsed_before + time.time() - t_start})
 
     logger = make_logger(cfg, "ppo", stage_dir, tb_dir, enabled=is_main, resume_step=start if latest is not None else None)
     bar = progress(num_updates * p.batch_size, "ppo", enabled=is_main, unit="ep")
@@ -760,12 +757,13 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
                 if g is not None:
                     metrics["gold/score"], metrics["gold/score_se"] = g
                     gold_last = g[0]
-            if is_main and p.snapshot_every and update % p.snapshot_every == 0:
-                # The policy after this update, kept for `rlhflab overopt` (state/ckpt-* keeps only 2).
-                def write_snapshot(tmp: Path) -> None:
-                    models.policy.save_pretrained(tmp)
+            if p.snapshot_every and update % p.snapshot_every == 0:
+                # The policy after this update, kept for `rlhflab overopt` (state/ckpt-* keeps only 2);
+                # every process takes part in gathering a sharded policy, the main one writes.
+                def write_snapshot(tmp: Path, state_dict: Optional[dict]) -> None:
+                    models.policy.save_pretrained(tmp, state_dict=state_dict)
                     models.tokenizer.save_pretrained(tmp)
-                atomic_save_dir(stage_dir / "snapshots" / f"update-{update:05d}", write_snapshot)
+                engine.save_final(stage_dir / "snapshots" / f"update-{update:05d}", models.policy, write_snapshot)
             last = metrics
             if update % p.log_every == 0 or update == num_updates:
                 logger.log(update, metrics)
@@ -786,24 +784,25 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
         save_state(num_updates)
 
     # Outputs: ppo/policy (HF + tokenizer), ppo/value, metrics.json (its presence marks the stage finished).
+    # Every process takes part in gathering the full weights; the main process writes them.
     result: dict = {}
+    logger.close()
+    tok = models.tokenizer
+    from rlhflab.models.card import write_model_card
+    from rlhflab.models.sources import sft_policy_dir
+
+    card = {k: last[k] for k in ("objective/kl", "objective/scores", "objective/rlhf_reward", "gold/score") if k in last}
+
+    def write_model(model, stage):
+        def write(tmp: Path, state_dict: Optional[dict]) -> None:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tok.save_pretrained(tmp)
+            write_model_card(tmp, cfg, stage, card, base_model=str(sft_policy_dir(cfg)))
+        return write
+
+    engine.save_final(stage_dir / "policy", models.policy, write_model(models.policy, "ppo"))
+    engine.save_final(stage_dir / "value", models.critic, write_model(models.critic, "ppo-value"))
     if is_main:
-        logger.close()
-        tok = models.tokenizer
-
-        from rlhflab.models.card import write_model_card
-
-        card = {k: last[k] for k in ("objective/kl", "objective/scores", "objective/rlhf_reward", "gold/score") if k in last}
-
-        def write_model(model, stage):
-            def write(tmp: Path) -> None:
-                model.save_pretrained(tmp)
-                tok.save_pretrained(tmp)
-                write_model_card(tmp, cfg, stage, card, base_model=str(cfg.run_dir / "sft" / "policy"))
-            return write
-
-        atomic_save_dir(stage_dir / "policy", write_model(models.policy, "ppo"))
-        atomic_save_dir(stage_dir / "value", write_model(models.critic, "ppo-value"))
         wall = elapsed_before + time.time() - t_start
         history = [row for row in _read_metrics(stage_dir) if "objective/kl" in row]
         result = {

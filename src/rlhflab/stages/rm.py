@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
-from typing import Sequence
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,8 @@ from rlhflab.errors import StageError
 from rlhflab.models.card import write_model_card
 from rlhflab.models.policy import count_parameters, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import RewardModel, build_reward_backbone, is_decoder_rm, minilm_path
-from rlhflab.runtime import CheckpointManager, atomic_save_dir, progress, seed_everything, write_json
+from rlhflab.parallel import make_engine
+from rlhflab.runtime import CheckpointManager, progress, rng_state, seed_everything, write_json
 from rlhflab.trackers import make_logger
 from rlhflab.stages.common import (
     StopRequested,
@@ -58,7 +59,6 @@ from rlhflab.stages.common import (
     policy_tokenizer,
     prepare_stage_dir,
     process_slice,
-    save_train_state,
     sft_source,
     stage_dirs,
     stop_after_step,
@@ -291,6 +291,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
     r = cfg.rm
     # 1. Accelerator and run folder. ------------------------------------------------------
     accelerator = make_accelerator()
+    engine = make_engine(cfg, accelerator)  # sharding, precision, checkpoints (rlhflab.parallel)
     is_main = accelerator.is_main_process
     stage_dir, tb_dir = stage_dirs(cfg, "rm")
     done = prepare_stage_dir(stage_dir, "reward", resume=resume, force=force, is_main=is_main)
@@ -318,21 +319,23 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
     rm = build_reward_model(cfg, seed=r.seed)
     n_params = count_parameters(rm.model)
 
-    # 4. Optimizer, schedule, resume. ------------------------------------------------------------
-    ckpts = CheckpointManager(stage_dir / "state")
-    latest = ckpts.latest() if resume else None
-    state = load_train_state(latest) if latest is not None else None
-    if state is not None:
-        check_resume_config(state.get("config"), cfg, "rm", latest)
-        rm.model.load_state_dict(state["model"])
-    model = accelerator.prepare(rm.model)
-    rm.model = accelerator.unwrap_model(model)
+    # 4. dtype/checkpointing/FSDP2 units (engine.prepare), optimizer, schedule, resume. ----------
+    model = rm.model = engine.prepare(rm.model)
     optimizer = make_optimizer(rm.model.parameters(), r.optim)
     scheduler = make_scheduler(optimizer, "cosine", total_steps, r.optim.warmup_ratio)
+    ckpts = CheckpointManager(stage_dir / "state")
+    latest = ckpts.latest() if resume else None
     start_step, elapsed_before = 0, 0.0
-    if state is not None:
+    if latest is not None:
+        check_resume_config(load_train_state(latest).get("config"), cfg, "rm", latest)
+        state = engine.load_checkpoint(latest, {"model": rm.model}, optimizer)
         start_step, elapsed_before = restore_optimization(state, optimizer, scheduler)
-    del state
+        del state
+    # The KV-cached prefix pass of pair_scores is lost under gradient checkpointing (transformers drops
+    # the cache in training mode), and FSDP2 cannot replay it in the backward (the gradient reaches the
+    # prefix blocks only through the cache, never through an output its pre-backward hook sees, so their
+    # params are already resharded): score full rows instead -- the same scores, ~2x the RM compute.
+    score_pairs = pair_scores_concat if cfg.parallel.gradient_checkpointing or engine.wrapped else pair_scores
 
     logger = make_logger(cfg, "rm", stage_dir, tb_dir, enabled=is_main, resume_step=start_step if start_step else None)
     stop_at = stop_after_step()
@@ -352,19 +355,19 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
         correct = torch.zeros((), device=device, dtype=torch.float64)
         margin_sum = torch.zeros((), device=device, dtype=torch.float64)
         for k, chunk in enumerate(chunks):
-            sync = accelerator.no_sync(model) if k < len(chunks) - 1 else nullcontext()
-            with sync:
-                r_c, r_r = pair_scores(model, rm, [p.query for p in chunk], [p.chosen for p in chunk],
-                                       [p.rejected for p in chunk], device)
-                loss = bt_loss(r_c, r_r).sum()
-                # Mean over the GLOBAL batch; DDP's average over processes is undone by x num_processes.
+            with engine.gradient_sync(model, sync=k == len(chunks) - 1):
+                with engine.autocast():
+                    r_c, r_r = score_pairs(model, rm, [p.query for p in chunk], [p.chosen for p in chunk],
+                                           [p.rejected for p in chunk], device)
+                    loss = bt_loss(r_c.float(), r_r.float()).sum()
+                # Mean over the GLOBAL batch; the average over processes is undone by x num_processes.
                 accelerator.backward(loss * (accelerator.num_processes / r.batch_size))
             loss_sum += loss.detach().double()
             correct += (r_c > r_r).sum().double()
             margin_sum += (r_c - r_r).detach().sum().double()
         grad_norm = None
         if r.optim.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), r.optim.max_grad_norm)
+            grad_norm = engine.clip_grad_norm_(model.parameters(), r.optim.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -382,35 +385,39 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
         bar.set_postfix(loss=f"{last['train/loss']:.3f}", acc=f"{last['train/accuracy']:.2f}")
 
         if r.eval_every and step % r.eval_every == 0 and step < total_steps:
-            if is_main:
+            if is_main or engine.wrapped:  # a wrapped model's forward needs every process
                 logger.log(step, evaluate_rm(rm, val, cfg, batch_size=2 * r.micro_batch_size)[0])
             accelerator.wait_for_everyone()
 
         stopping = stop_at is not None and step >= stop_at
         if (r.save_every and step % r.save_every == 0) or step == total_steps or stopping:
-            if is_main:
-                save_train_state(ckpts, step, rm.model, optimizer, scheduler,
-                                 {"elapsed_s": elapsed_before + time.time() - t_start,
-                                  "config": training_config(cfg, "rm")})
-            accelerator.wait_for_everyone()
+            engine.save_checkpoint(ckpts, step, {"model": rm.model}, optimizer,
+                                   {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                                    "elapsed_s": elapsed_before + time.time() - t_start,
+                                    "config": training_config(cfg, "rm")})
         if stopping and step < total_steps:
             bar.close()
             logger.close()
             raise StopRequested(f"rm stopped after step {step} (RLHFLAB_STOP_AFTER_STEP); continue with --resume")
     bar.close()
 
-    # 6. Reward bias, 7. validation, 8. outputs (main process only). ------------------------------
+    # 6. Reward bias, 7. validation, 8. outputs (written by the main process; every process takes
+    #    part in a wrapped model's forwards and in gathering its full weights). ---------------------
     result: dict = {}
-    if is_main:
+    if is_main or engine.wrapped:
         rm.bias = reference_bias(rm, cfg, policy_tok, n=bias_samples, batch_size=2 * r.micro_batch_size)
         metrics, rows = evaluate_rm(rm, val, cfg, batch_size=2 * r.micro_batch_size)
+    if is_main:
         logger.log(total_steps, metrics)
-        logger.close()
-        def write_reward(tmp):
-            rm.save(tmp)
+    logger.close()
+
+    def write_reward(tmp: Path, state_dict: Optional[dict]) -> None:
+        rm.save(tmp, state_dict=state_dict)
+        if is_main:
             write_model_card(tmp, cfg, "rm", {**metrics, "rm/bias": rm.bias}, base_model=source)
 
-        atomic_save_dir(stage_dir / "reward", write_reward)
+    engine.save_final(stage_dir / "reward", rm.model, write_reward)
+    if is_main:
         with open(stage_dir / "eval_pairs.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
@@ -422,7 +429,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
             "data/skip_reasons": {"train": dict(train_skips.counts), "validation": dict(val_skips.counts)},
             # CNN/DM comparisons of the real validation split: left out of TL;DR RM data, counted (SFD).
             "data/cnndm_rows_skipped": train_skips.filtered[R_CNNDM] + val_skips.filtered[R_CNNDM],
-            "data/max_pref_response_length": pref_budget,
+            "data/max_pref_response_length": cfg.pref_response_length,
             "model/parameters": n_params, "num_processes": accelerator.num_processes,
             "batch/grad_accum": sizes.grad_accum, "time/wall_s": round(elapsed_before + time.time() - t_start, 2),
             "reward_dir": str(stage_dir / "reward"),

@@ -28,7 +28,6 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -42,7 +41,8 @@ from rlhflab.errors import StageError
 from rlhflab.models.card import write_model_card
 from rlhflab.models.generation import generate_texts
 from rlhflab.models.policy import build_policy, count_parameters
-from rlhflab.runtime import CheckpointManager, atomic_save_dir, progress, seed_everything, write_json
+from rlhflab.parallel import make_engine
+from rlhflab.runtime import CheckpointManager, progress, rng_state, seed_everything, write_json
 from rlhflab.trackers import make_logger
 from rlhflab.stages.common import (
     StopRequested,
@@ -59,7 +59,6 @@ from rlhflab.stages.common import (
     policy_tokenizer,
     prepare_stage_dir,
     process_slice,
-    save_train_state,
     stage_dirs,
     stop_after_step,
     synth_stats,
@@ -181,6 +180,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
     s = cfg.sft
     # 1. Accelerator and run folder. -------------------------------------------------
     accelerator = make_accelerator()
+    engine = make_engine(cfg, accelerator)  # sharding, precision, checkpoints (rlhflab.parallel)
     is_main = accelerator.is_main_process
     stage_dir, tb_dir = stage_dirs(cfg, "sft")
     done = prepare_stage_dir(stage_dir, "policy", resume=resume, force=force, is_main=is_main)
@@ -202,33 +202,31 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
         raise StageError(f"sft: {len(train)} usable train examples x sft.epochs={s.epochs} is less than one batch "
                          f"(sft.batch_size={s.batch_size})")
 
-    # 3. Model, AdamW (eps=1e-5, Huang), cosine schedule with warmup. ---------------------
+    # 3. Model (dtype, checkpointing, FSDP2 units: engine.prepare), AdamW (eps=1e-5, Huang),
+    #    cosine schedule with warmup. -------------------------------------------------------
     seed_everything(s.seed)
     model = build_policy(tokenizer, cfg.model.policy, cfg.model.arch, seed=s.seed)
     n_params = count_parameters(model)
-
-    # 4. Resume: weights before `prepare` (which may move them), optimizer state after. -----
-    ckpts = CheckpointManager(stage_dir / "state")
-    latest = ckpts.latest() if resume else None
-    state = load_train_state(latest) if latest is not None else None
-    if state is not None:
-        check_resume_config(state.get("config"), cfg, "sft", latest)
-        model.load_state_dict(state["model"])
-    model = accelerator.prepare(model)
-    raw_model = accelerator.unwrap_model(model)
-    optimizer = make_optimizer(raw_model.parameters(), s.optim)
+    model = engine.prepare(model)
+    optimizer = make_optimizer(model.parameters(), s.optim)
     # Not passed through accelerator.prepare: its scheduler wrapper steps once per process.
     scheduler = make_scheduler(optimizer, "cosine", total_steps, s.optim.warmup_ratio)
+
+    # 4. Resume: weights and optimizer state (sharded when the model is), scheduler, RNG, step. ----
+    ckpts = CheckpointManager(stage_dir / "state")
+    latest = ckpts.latest() if resume else None
     start_step, elapsed_before = 0, 0.0
-    if state is not None:
+    if latest is not None:
+        check_resume_config(load_train_state(latest).get("config"), cfg, "sft", latest)
+        state = engine.load_checkpoint(latest, {"model": model}, optimizer)
         start_step, elapsed_before = restore_optimization(state, optimizer, scheduler)
-    del state
+        del state
 
     logger = make_logger(cfg, "sft", stage_dir, tb_dir, enabled=is_main, resume_step=start_step if start_step else None)
     stop_at = stop_after_step()
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
-    select_logits = supports_logits_to_keep(raw_model)
+    select_logits = supports_logits_to_keep(model)
     bar = progress(total_steps, "sft", enabled=is_main)
     bar.update(start_step)
     last: dict = {}
@@ -246,15 +244,16 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
         loss_sum = torch.zeros((), device=device)
         for k, chunk in enumerate(chunks):
             batch = {key: v.to(device) for key, v in sft_batch(chunk, pad_id, s.loss_on_query).items()}
-            # DDP averages gradients over processes; x num_processes turns that back into a global sum.
-            sync = accelerator.no_sync(model) if k < len(chunks) - 1 else nullcontext()
-            with sync:
-                loss, _ = token_loss_sum(model, batch, select_logits)
+            # Gradients are averaged over processes (synced on the last micro-batch); x num_processes
+            # turns that back into a global sum.
+            with engine.gradient_sync(model, sync=k == len(chunks) - 1):
+                with engine.autocast():
+                    loss, _ = token_loss_sum(model, batch, select_logits)
                 accelerator.backward(loss * (accelerator.num_processes / n_targets))
             loss_sum += loss.detach()
         grad_norm = None
         if s.optim.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), s.optim.max_grad_norm)
+            grad_norm = engine.clip_grad_norm_(model.parameters(), s.optim.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -271,40 +270,43 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}")
 
-        # 6. Validation every eval_every steps (the final one runs after the loop). --------
+        # 6. Validation every eval_every steps (the final one runs after the loop); a wrapped
+        #    model's forward needs every process, so then all run it (the same numbers) and the main one logs.
         if s.eval_every and step % s.eval_every == 0 and step < total_steps:
-            if is_main:
-                metrics, _ = evaluate_policy(raw_model, tokenizer, val, cfg, device, seed=s.seed)
+            if is_main or engine.wrapped:
+                metrics, _ = evaluate_policy(model, tokenizer, val, cfg, device, seed=s.seed)
                 logger.log(step, metrics)
             accelerator.wait_for_everyone()
 
         # Checkpoint every save_every steps and at the end (a crash in the final validation resumes there).
         stopping = stop_at is not None and step >= stop_at
         if (s.save_every and step % s.save_every == 0) or step == total_steps or stopping:
-            if is_main:
-                save_train_state(ckpts, step, raw_model, optimizer, scheduler,
-                                 {"elapsed_s": elapsed_before + time.time() - t_start,
-                                  "config": training_config(cfg, "sft")})
-            accelerator.wait_for_everyone()
+            engine.save_checkpoint(ckpts, step, {"model": model}, optimizer,
+                                   {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                                    "elapsed_s": elapsed_before + time.time() - t_start,
+                                    "config": training_config(cfg, "sft")})
         if stopping and step < total_steps:
             bar.close()
             logger.close()
             raise StopRequested(f"sft stopped after step {step} (RLHFLAB_STOP_AFTER_STEP); continue with --resume")
     bar.close()
 
-    # 6. Final validation and 7. outputs (main process only). --------------------------------
+    # 6. Final validation and 7. outputs (written by the main process; every process takes part in
+    #    a wrapped model's forwards and in gathering its full weights). --------------------------
     result: dict = {}
+    if is_main or engine.wrapped:
+        metrics, samples = evaluate_policy(model, tokenizer, val, cfg, device, seed=s.seed)
     if is_main:
-        metrics, samples = evaluate_policy(raw_model, tokenizer, val, cfg, device, seed=s.seed)
         logger.log(total_steps, metrics)
-        logger.close()
+    logger.close()
 
-        def write_policy(tmp):
-            raw_model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_model_card(tmp, cfg, "sft", metrics, base_model=cfg.model.policy)
+    def write_policy(tmp, state_dict):
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        write_model_card(tmp, cfg, "sft", metrics, base_model=cfg.model.policy)
 
-        atomic_save_dir(stage_dir / "policy", write_policy)
+    engine.save_final(stage_dir / "policy", model, write_policy)
+    if is_main:
         with open(stage_dir / "eval_samples.jsonl", "w") as f:
             for row in samples:
                 f.write(json.dumps(row) + "\n")
