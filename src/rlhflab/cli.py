@@ -218,6 +218,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("rlhflab: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk or read-only output folder is the user's to fix, not a bug
+        from rlhflab.runtime import WRITE_ERRNOS
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"rlhflab: error: cannot write {e.filename or 'the output'}: {e.strerror} "
+              "(is the output folder read-only or the disk full?)", file=sys.stderr)
+        return 1
     except Exception as e:  # user-facing errors from the data layer and stages
         # Errors defined by rlhflab (DataError, JudgeError, StageError, ...) are messages for the
         # user, not bugs: print them without a traceback. Anything else is a bug and propagates.

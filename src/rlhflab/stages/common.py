@@ -260,11 +260,17 @@ def save_train_state(manager, step: int, model: torch.nn.Module, optimizer: torc
 
 
 def load_train_state(ckpt_dir: Path) -> dict:
-    """What :func:`save_train_state` wrote (tensors on CPU; RNG states are Python objects, hence weights_only=False)."""
-    try:
-        return torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which
-        raise StageError(f"cannot read checkpoint {ckpt_dir / 'state.pt'}: {e}") from None
+    """What :func:`save_train_state` wrote (tensors on CPU; RNG states are Python objects, hence weights_only=False).
+    A checkpoint damaged on disk (truncated, unreadable) is skipped with a warning and the previous
+    one in the same ``state/`` folder is read instead (``CheckpointManager.load``); ``CheckpointError``
+    names every file when none can be read."""
+    from rlhflab.runtime import CheckpointManager
+
+    def read(path: Path) -> dict:
+        return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+
+    _, state = CheckpointManager(Path(ckpt_dir).parent).load(read, newest=Path(ckpt_dir))
+    return state
 
 
 def restore_optimization(state: dict, optimizer, scheduler) -> tuple[int, float]:
