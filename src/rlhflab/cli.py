@@ -294,9 +294,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("rlhflab: interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        # A path the user gave (or a folder they cannot write): a message, not a traceback.
-        print(f"rlhflab: error: {e}", file=sys.stderr)
+    except OSError as e:
+        from rlhflab.runtime import WRITE_ERRNOS
+
+        if e.errno in WRITE_ERRNOS:  # a full disk or read-only output folder is the user's to fix, not a bug
+            print(f"rlhflab: error: cannot write {e.filename or 'the output'}: {e.strerror} "
+                  "(is the output folder read-only or the disk full?)", file=sys.stderr)
+        elif isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+            print(f"rlhflab: error: {e}", file=sys.stderr)  # a path the user gave: a message, not a traceback
+        else:
+            raise
         return 1
     except Exception as e:  # user-facing errors from the data layer and stages
         # Errors defined by rlhflab (DataError, JudgeError, StageError, ...) are messages for the

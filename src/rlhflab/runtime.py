@@ -5,6 +5,8 @@ Kept small and free of training logic so each stage file still reads top to bott
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -12,11 +14,37 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+
+from rlhflab.errors import StageError
+
+# Write failures that are the output folder's fault, not a bug: answered with a clear CheckpointError.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_WRITE_HINT = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "the folder is not writable",
+               errno.EPERM: "the folder is not writable"}
+
+
+class CheckpointError(StageError):
+    """A checkpoint could not be written (disk full, read-only folder) or none could be read back."""
+
+
+@contextlib.contextmanager
+def output_errors(what: str, folder: Path):
+    """Turn a disk-full / read-only OSError while writing ``what`` into a CheckpointError that says so."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise CheckpointError(f"cannot write {what} ({e.filename or folder}): {_WRITE_HINT[e.errno]} "
+                              f"[{e.strerror}]; earlier checkpoints in {folder} are untouched -- free space or "
+                              "fix the permissions, then rerun with --resume") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -122,23 +150,73 @@ def atomic_save_dir(final: str | Path, write: Callable[[Path], None]) -> Path:
 
     A crash at any point leaves either the previous ``final`` or the new one, never a
     half-written directory under the final name (stale ``.tmp-*`` siblings are ignored
-    and cleaned up by the next save).
+    and cleaned up by the next save). ``COMPLETE`` records every file's size, so a file
+    truncated later on disk is detected (:func:`verify_complete`). A full disk or read-only
+    folder raises :class:`CheckpointError` and leaves the previous ``final`` in place.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    write(tmp)
-    (tmp / "COMPLETE").write_text(str(time.time()))
-    old = final.parent / f".{final.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with output_errors(final.name, final.parent):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+        try:
+            write(tmp)
+            sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            with open(tmp / "COMPLETE", "w") as f:
+                json.dump({"time": time.time(), "files": sizes}, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as e:
+            # torch.save reports a full disk as RuntimeError("... file write failed"): ask the file system.
+            problem = None if isinstance(e, OSError) else _disk_problem(final.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written folder on a full disk
+            if problem is not None:
+                raise CheckpointError(f"cannot write {final.name} in {final.parent}: {problem} ({type(e).__name__}: "
+                                      f"{e}); earlier checkpoints are untouched -- free space, then rerun with "
+                                      "--resume") from None
+            raise
+        old = final.parent / f".{final.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _disk_problem(folder: Path, min_free: int = 1 << 20) -> Optional[str]:
+    """"the disk is full" / "the file system is read-only" when ``folder``'s file system says so."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return "the file system is read-only"
+    free = st.f_bavail * st.f_frsize
+    return f"the disk is full ({free} bytes free)" if free < min_free else None
+
+
+def verify_complete(path: str | Path) -> Optional[str]:
+    """None when ``path`` is a complete checkpoint whose files have the sizes recorded in its
+    ``COMPLETE`` (older checkpoints without sizes are only checked for ``COMPLETE``); otherwise
+    what is wrong, naming the file."""
+    path = Path(path)
+    marker = path / "COMPLETE"
+    if not marker.is_file():
+        return f"{marker} is missing (an interrupted save)"
+    try:
+        files = json.loads(marker.read_text()).get("files", {})
+    except (ValueError, AttributeError):
+        return None  # an older checkpoint: COMPLETE holds only a timestamp
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} is {f.stat().st_size} bytes, {size} when it was written (truncated or overwritten)"
+    return None
 
 
 class CheckpointManager:
@@ -146,6 +224,9 @@ class CheckpointManager:
 
     The pointer is itself replaced atomically after the checkpoint directory is complete,
     so ``latest()`` always names a complete checkpoint. Keeps the newest ``keep``.
+    ``load(read)`` reads the newest checkpoint that verifies and loads, falling back to the
+    previous one (with a warning) when a file was damaged on disk -- whatever the format
+    ``read`` understands.
     """
 
     def __init__(self, state_dir: str | Path, keep: int = 2):
@@ -154,12 +235,13 @@ class CheckpointManager:
 
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
         path = atomic_save_dir(self.dir / f"ckpt-{step:08d}", write)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".latest.")
-        with os.fdopen(fd, "w") as f:
-            f.write(path.name)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / "latest")
+        with output_errors("the checkpoint pointer", self.dir):
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".latest.")
+            with os.fdopen(fd, "w") as f:
+                f.write(path.name)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.dir / "latest")
         ckpts = sorted(p for p in self.dir.glob("ckpt-*") if p.is_dir())
         for p in ckpts[: -self.keep]:
             if p != path:
@@ -175,6 +257,31 @@ class CheckpointManager:
         # Pointer missing or stale (crash between the rename and the pointer write): newest complete dir.
         done = sorted(p for p in self.dir.glob("ckpt-*") if (p / "COMPLETE").exists())
         return done[-1] if done else None
+
+    def load(self, read: Callable[[Path], Any], newest: Optional[Path] = None) -> tuple[Path, Any]:
+        """``(path, read(path))`` for the newest checkpoint (at or before ``newest``) that verifies
+        and reads; each one skipped is warned about, naming the file and the error.
+
+        Raises:
+            CheckpointError: no checkpoint could be read (every attempt is listed).
+        """
+        newest = Path(newest) if newest is not None else self.latest()
+        done = sorted((p for p in self.dir.glob("ckpt-*") if (p / "COMPLETE").exists()), reverse=True)
+        if newest is not None:
+            done = [newest] + [p for p in done if p.name < newest.name]
+        failures = []
+        for p in done:
+            problem = verify_complete(p)
+            if problem is None:
+                try:
+                    return p, read(p)
+                except Exception as e:  # a damaged file in a format only `read` understands
+                    problem = f"reading it failed: {type(e).__name__}: {e}"
+            failures.append(f"{p.name}: {problem}")
+            warnings.warn(f"checkpoint {p} is unusable ({problem}); trying the previous one", RuntimeWarning,
+                          stacklevel=2)
+        raise CheckpointError(f"no readable checkpoint in {self.dir}: " + ("; ".join(failures) or "none found")
+                              + " -- delete the folder (or pass force) to start over")
 
 
 def progress(total: int, desc: str, enabled: bool = True, unit: str = "step"):

@@ -252,10 +252,15 @@ def stop_after_step() -> Optional[int]:
 
 # ------------------------------------------------------------------- train state
 def load_train_state(ckpt_dir: Path) -> dict:
-    """``state.pt`` of a checkpoint (``parallel.Engine.save_checkpoint``), read with ``weights_only=True``."""
+    """``state.pt`` of a checkpoint (``parallel.Engine.save_checkpoint``), read with ``weights_only=True``.
+    A checkpoint damaged on disk (truncated, unreadable) is skipped with a warning and the previous
+    one in the same ``state/`` folder is read instead (``CheckpointManager.load``); ``CheckpointError``
+    names every file when none can be read."""
     from rlhflab.parallel import load_state_file
+    from rlhflab.runtime import CheckpointManager
 
-    return load_state_file(ckpt_dir)
+    _, state = CheckpointManager(Path(ckpt_dir).parent).load(load_state_file, newest=Path(ckpt_dir))
+    return state
 
 
 def restore_optimization(state: dict, optimizer, scheduler) -> tuple[int, float]:
