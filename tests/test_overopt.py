@@ -180,6 +180,15 @@ def test_overopt_stage_on_a_tiny_run(tmp_path):
     ppo.main(cfg)
     run = cfg.run_dir
     assert sorted(p.name for p in (run / "ppo" / "snapshots").iterdir()) == ["update-00001", "update-00002", "update-00003"]
+    # a snapshot is the policy after its update: the last one equals the final policy, the first does not
+    import torch
+
+    from rlhflab.models.policy import load_policy
+
+    final = load_policy(run / "ppo" / "policy").state_dict()
+    for name, same in (("update-00003", True), ("update-00001", False)):
+        snap = load_policy(run / "ppo" / "snapshots" / name).state_dict()
+        assert all(torch.equal(snap[k], final[k]) for k in final) is same
     metrics = overopt.main(cfg)
     res = json.loads((run / "overopt" / "results.json").read_text())
     assert res["bon"]["n"] == [1, 2, 4, 8]
@@ -201,3 +210,12 @@ def test_overopt_stage_on_a_tiny_run(tmp_path):
     overopt.main(cfg)
     again = json.loads((run / "overopt" / "results.json").read_text())
     assert again["bon"] == res["bon"] and again["ppo"] == res["ppo"]
+    # the report's figure and summary.json's headline keys
+    from rlhflab.pipeline import headline
+    from rlhflab.report.html import render_report
+
+    page = render_report(run).read_text()
+    assert "Over-optimisation (Gao et al. 2022)" in page and 'alt="gold and proxy reward vs sqrt(KL)' in page
+    h = headline(cfg)
+    assert h["overopt/bon/gold_alpha"] == res["fits"]["bon"]["gold"]["alpha"]
+    assert h["overopt/bon4_vs_ppo/ppo_kl"] == c["ppo_kl"] and h["overopt/reading"] == res["reading"]

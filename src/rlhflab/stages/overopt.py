@@ -60,12 +60,14 @@ KL_DEFINITION = ("PPO snapshots: mean over samples of sum_t (logp_t - ref_logp_t
 
 
 class Scored(NamedTuple):
-    """Samples of one policy on P posts, S per post: proxy, gold, kl [P, S] (kl None when not measured)."""
+    """Samples of one policy on P posts, S per post: proxy, gold, kl [P, S] (kl None when not measured);
+    wall and CPU (this process) seconds of sampling and scoring them."""
 
     proxy: np.ndarray
     gold: np.ndarray
     kl: Optional[np.ndarray]
     seconds: float
+    cpu_seconds: float
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -87,7 +89,7 @@ def sample_and_score(policy, ref_policy, reward, tok, prompts: Sequence[Any], sa
     rows = [(i, s) for i in range(len(prompts)) for s in range(samples)]
     proxy, gold = np.zeros((len(prompts), samples)), np.zeros((len(prompts), samples))
     kl = np.zeros((len(prompts), samples)) if ref_policy is not None else None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for b in range(0, len(rows), cfg.overopt.batch_size):
         chunk = rows[b: b + cfg.overopt.batch_size]
         width = max(len(prompts[i].query_ids) for i, _ in chunk)
@@ -119,7 +121,7 @@ def sample_and_score(policy, ref_policy, reward, tok, prompts: Sequence[Any], sa
                 kl[i, s] = kl_rows[row]
         if bar is not None:
             bar.update(len(chunk))
-    return Scored(proxy, gold, kl, time.perf_counter() - t0)
+    return Scored(proxy, gold, kl, time.perf_counter() - t0, time.process_time() - c0)
 
 
 def _cached(path: Path, key: dict, compute) -> Scored:
@@ -127,10 +129,10 @@ def _cached(path: Path, key: dict, compute) -> Scored:
     meta = path.with_suffix(".json")
     if path.exists() and meta.exists() and json.loads(meta.read_text()) == key:
         z = np.load(path)
-        return Scored(z["proxy"], z["gold"], z["kl"] if "kl" in z.files else None, float(z["seconds"]))
+        return Scored(z["proxy"], z["gold"], z["kl"] if "kl" in z.files else None, float(z["seconds"]), float(z["cpu_seconds"]))
     out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"proxy": out.proxy, "gold": out.gold, "seconds": np.array(out.seconds)}
+    arrays = {"proxy": out.proxy, "gold": out.gold, "seconds": np.array(out.seconds), "cpu_seconds": np.array(out.cpu_seconds)}
     if out.kl is not None:
         arrays["kl"] = out.kl
     np.savez(path, **arrays)
@@ -309,6 +311,7 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
         "bon_gold_ci": _ci(bon_gold[:, k], o.bootstrap, o.seed), "bon_proxy": float(bon_proxy[:, k].mean()),
         "bon_samples_per_post": o.compare_n,
         "bon_seconds_per_post": per_sample_s * o.compare_n,  # measured pool time per sample x n (sampling + RM + gold)
+        "bon_cpu_seconds_per_post": pool.cpu_seconds / (o.n_prompts * N) * o.compare_n,
     }
     if ppo_points:
         ppo_metrics = json.loads((run_dir / "ppo" / "metrics.json").read_text()) if (run_dir / "ppo" / "metrics.json").exists() else {}
@@ -321,9 +324,12 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
             "gold_diff": float(diff.mean()), "gold_diff_ci": _ci(diff, o.bootstrap, o.seed),
             "bon_n_at_ppo_kl": oo.bon_n_for_kl(ppo_kl),
             "bon_gold_at_ppo_kl": oo.interpolate(math.sqrt(max(ppo_kl, 0.0)), d_bon, bon_gold.mean(0)),
-            "ppo_train_samples": ppo_metrics.get("episodes"), "ppo_train_seconds": ppo_metrics.get("time/wall_s"),
+            # episodes PPO generated up to the evaluated policy (a run still training has no metrics.json yet)
+            "ppo_train_samples": ppo_metrics.get("episodes") or ppo_points[-1][0] * cfg.ppo.batch_size,
+            "ppo_train_seconds": ppo_metrics.get("time/wall_s"), "ppo_finished": bool(ppo_metrics),
             "ppo_samples_per_post": 1,
             "ppo_seconds_per_post": last.seconds / (o.n_prompts * o.samples_per_snapshot),  # incl. the KL forward
+            "ppo_cpu_seconds_per_post": last.cpu_seconds / (o.n_prompts * o.samples_per_snapshot),
         })
         if compare["ppo_train_samples"] and o.compare_n > 1:
             # Posts served before best-of-n's extra (n - 1) samples per post add up to PPO's training samples.
@@ -338,6 +344,7 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
         "fits": "OLS of the score minus the SFT policy's (pool mean) on d = sqrt(mean KL): bon d(alpha - beta d), "
                 "rl d(alpha - beta log d); percentile bootstrap over posts (95%); d_star null = no peak (beta <= 0)",
         "time_s": {"pool": pool.seconds, "ppo_snapshots": sum(s.seconds for _, _, s in ppo_points)},
+        "cpu_s": {"pool": pool.cpu_seconds, "ppo_snapshots": sum(s.cpu_seconds for _, _, s in ppo_points)},
         "samples_generated": {"pool": o.n_prompts * N, "ppo_snapshots": len(ppo_points) * o.n_prompts * o.samples_per_snapshot},
     }
     res["reading"] = reading(res)
