@@ -90,13 +90,13 @@ def test_cnndm_rows_are_filtered_and_counted_not_errors(tmp_path, tok, caplog):
         examples, report = load_preferences(path, "validation", tok, 12, 5, skip_bad_rows=True)
     assert [e.id for e in examples] == ["t3_0", "t3_3"]
     assert report.filtered == {R_CNNDM: 4} and report.total == 1 and report.seen == 7
-    assert report.as_dict()["filtered"] == {"CNN/DM row": 4} and report.as_dict()["skipped"] == 1
-    assert str(report).endswith("(1 bad choice); left out 4 CNN/DM row")
-    assert "left out 4 CNN/DM row" in caplog.text
+    assert report.as_dict()["filtered"] == {"CNN/DM": 4} and report.as_dict()["skipped"] == 1
+    assert str(report).endswith("(1 bad choice); left out 4 CNN/DM rows")
+    assert "left out 4 CNN/DM rows" in caplog.text
     # without bad rows: no error, nothing "skipped", but the filtered rows still reported
     examples, report = tokenize_preferences(rows[:6], tok, 12, 5, "f")
     assert len(examples) == 2 and report.total == 0 and report.filtered[R_CNNDM] == 4
-    assert str(report) == "f: no rows skipped (6 read); left out 4 CNN/DM row"
+    assert str(report) == "f: no rows skipped (6 read); left out 4 CNN/DM rows"
     # a TL;DR row whose post is null and which has no article is still a bad row ("no post")
     bad = {**pref_row(7), "info": {"id": "x", "post": None, "title": "t", "subreddit": "cats"}}
     with pytest.raises(DataError, match="field 'info.post': missing or null"):
@@ -231,6 +231,25 @@ def test_readme_network_command_is_a_valid_real_data_config():
     assert cfg.data.task == "tldr" and cfg.model.policy == "EleutherAI/pythia-1b-deduped"
     assert (cfg.data.max_query_length, cfg.data.response_length) == (512, 53)
     assert pref_response_budget(cfg.data.task, cfg.data.response_length, cfg.data.max_pref_response_length) == 169
+
+
+def test_rm_stage_on_fixture_comparisons_reports_cnndm_rows(fixtures, tmp_path):
+    """The stage the real-data command stopped in: the RM alone (backbone = the fixture policy,
+    no SFT run), short queries so it takes seconds."""
+    from rlhflab.config import load_config
+    from rlhflab.stages import rm
+
+    cfg = load_config("default", [
+        "data.task=tldr", f"data.sft_dataset={fixtures['sft']}", f"data.preference_dataset={fixtures['comparisons']}",
+        f"model.policy={fixtures['policy']}", f"model.reward_backbone={fixtures['policy']}", "data.max_query_length=96",
+        f"out_dir={tmp_path}", "name=rm-only", "rm.batch_size=8", "rm.micro_batch_size=8", "rm.max_length=288"])
+    m = rm.main(cfg, bias_samples=8)
+    assert m["data/cnndm_rows_skipped"] == fixtures["cnndm_validation_rows"] == 3
+    assert (m["data/train_pairs"], m["data/validation_pairs"]) == (24, 12)  # every TL;DR row kept, CNN/DM left out
+    assert m["data/train_skipped"] == m["data/validation_skipped"] == 0
+    assert m["data/max_pref_response_length"] == 169
+    assert json.loads((tmp_path / "rm-only" / "rm" / "metrics.json").read_text())["data/cnndm_rows_skipped"] == 3
+    assert len((tmp_path / "rm-only" / "rm" / "eval_pairs.jsonl").read_text().splitlines()) == 12
 
 
 @pytest.mark.slow
