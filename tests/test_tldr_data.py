@@ -86,20 +86,26 @@ def test_query_fits_unchanged(tok):
 
 def test_truncation_cuts_post_at_last_newline(tok):
     post = "one two three\n\nfour five\n\nsix seven eight nine"  # 9 words -> query of 16 tokens
-    # budget 12: drop the last paragraph; "one two three\n\nfour five" gives 5 + 2 + 5 = 12 tokens
+    # budget 12: cut before the last newline (SFD's post[:rindex("\n")] keeps the first "\n" of
+    # the blank line); "one two three\n\nfour five\n" gives 5 + 2 + 5 = 12 tokens
     [ex], rep = tokenize_sft([sft_row(0, post=post)], tok, 12, 53, "f")
-    assert ex.query == "SUBREDDIT: r/cats\n\nTITLE: my cat\n\nPOST: one two three\n\nfour five\n\nTL;DR:"
+    assert ex.query == "SUBREDDIT: r/cats\n\nTITLE: my cat\n\nPOST: one two three\n\nfour five\n\n\nTL;DR:"
     assert ex.query_ids == ids(ex.query) and len(ex.query_ids) == 12
     assert ex.post == post  # original post kept for evaluation
-    # budget 11: the second paragraph must go too (trailing blank line stripped): 10 tokens
+    # budget 11: the second paragraph must go too: "one two three\n", 10 tokens
     [ex], _ = tokenize_sft([sft_row(0, post=post)], tok, 11, 53, "f")
-    assert ex.query == "SUBREDDIT: r/cats\n\nTITLE: my cat\n\nPOST: one two three\n\nTL;DR:"
+    assert ex.query == "SUBREDDIT: r/cats\n\nTITLE: my cat\n\nPOST: one two three\n\n\nTL;DR:"
     assert build_query_ids(tok, "cats", "my cat", post, 11) == ids(ex.query)
     # budget 16: fits as is
     assert build_query_ids(tok, "cats", "my cat", post, 16) == ids(format_query("cats", "my cat", post))
-    # budget 9: the first paragraph alone is 10 tokens and has no newline left -> bad row
-    with pytest.raises(DataError, match=r"field 'post': post cannot fit in 9 tokens even after truncation"):
-        build_query_ids(tok, "cats", "my cat", post, 9)
+    # budget 9: no newline left in "one two three": SFD's fallback drops one character at a
+    # time; "one two thre" is still 3 words, "one two " is the first candidate with 2 (9 tokens)
+    [ex], _ = tokenize_sft([sft_row(0, post=post)], tok, 9, 53, "f")
+    assert ex.query == "SUBREDDIT: r/cats\n\nTITLE: my cat\n\nPOST: one two \n\nTL;DR:" and len(ex.query_ids) == 9
+    # budget 6: the format and title alone are 7 tokens -> bad row
+    with pytest.raises(DataError, match=r"field 'post': post cannot fit in 6 tokens even after truncation \(at its "
+                       r"newlines, then character by character\): the subreddit and title alone are too long"):
+        build_query_ids(tok, "cats", "my cat", post, 6)
 
 
 def test_reference_response_is_space_summary_eos(tok):
@@ -205,14 +211,14 @@ def test_hub_name_asks_for_comparisons_config(monkeypatch):
 
 
 # ------------------------------------------------------------------------ bad input
-LONG_POST = "one two three four five six seven eight nine"  # no newline: 5+2+9 = 16 tokens > 12
+LONG_TITLE = "my cat one two three four five six"  # 5 + 8 title words = 13 tokens > 12 with any post
 
 SFT_BAD = {  # case: (bad row, field, reason)
     "missing column": (lambda: {k: v for k, v in sft_row(1).items() if k != "summary"}, "summary", "missing field"),
     "wrong type": (lambda: sft_row(1, post=123), "post", "wrong type"),
     "empty post": (lambda: sft_row(1, post="  \n "), "post", "empty text"),
     "empty summary": (lambda: sft_row(1, summary=""), "summary", "empty text"),
-    "post cannot fit": (lambda: sft_row(1, post=LONG_POST), "post", "query too long"),
+    "post cannot fit": (lambda: sft_row(1, title=LONG_TITLE), "post", "query too long"),
     "summary too long": (lambda: sft_row(1, summary="a b c d e"), "summary", "response too long"),  # 6 > 5
 }
 
@@ -263,11 +269,11 @@ PREF_BAD = {  # case: (bad row, field, reason)
     "one summary": (lambda: {**pref_row(1), "summaries": [{"text": " a", "policy": "p"}]}, "summaries", "bad summaries"),
     "chosen disagrees": (lambda: {**pref_row(1), "chosen": " c d e"}, "chosen", "chosen/rejected disagree with summaries"),
     "empty text": (lambda: pref_row(1, texts=(" a b", "  ")), "summaries[1].text", "empty text"),
-    "cnn/dm row": (lambda: {**pref_row(1), "info": {"id": "x", "post": None, "article": "news", "title": "t",
-                                                   "subreddit": None}}, "info.post", "no post"),
+    "null post": (lambda: {**pref_row(1), "info": {"id": "x", "post": None, "title": "t", "subreddit": "cats"}},
+                  "info.post", "no post"),  # CNN/DM rows (info.article) are filtered instead: test_tldr_real.py
     "missing info": (lambda: {k: v for k, v in pref_row(1).items() if k != "info"}, "info", "missing field"),
     "title not str": (lambda: {**pref_row(1), "info": {**pref_row(1)["info"], "title": 5}}, "info.title", "wrong type"),
-    "post cannot fit": (lambda: {**pref_row(1), "info": {**pref_row(1)["info"], "post": LONG_POST}}, "info.post",
+    "post cannot fit": (lambda: {**pref_row(1), "info": {**pref_row(1)["info"], "title": LONG_TITLE}}, "info.post",
                         "query too long"),
     "rejected too long": (lambda: pref_row(1, texts=(" a", " a b c d e a b c d e a")), "rejected",
                           "response too long"),  # 11 words + EOS = 12 > 2 x 5

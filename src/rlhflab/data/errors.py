@@ -93,7 +93,7 @@ class SkipReport:
     def __str__(self) -> str:
         kept = ""
         if self.filtered:
-            kept = "; left out " + ", ".join(f"{n} {r}" for r, n in sorted(self.filtered.items()))
+            kept = "; left out " + ", ".join(f"{n} {r} row{'s' if n != 1 else ''}" for r, n in sorted(self.filtered.items()))
         if not self.total:
             return f"{self.file}: no rows skipped ({self.seen} read){kept}"
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -57,7 +57,7 @@ R_RESPONSE_LONG = "response too long"
 R_CHOICE = "bad choice"
 R_SUMMARIES = "bad summaries"
 R_DISAGREE = "chosen/rejected disagree with summaries"
-R_CNNDM = "CNN/DM row"  # filtered by design (SkipReport.filtered), not a bad row
+R_CNNDM = "CNN/DM"  # filtered by design (SkipReport.filtered), not a bad row
 
 # SFD (summarize_from_feedback_details/tldr_dataset.py, ``cnndm_batches``): the batches of the
 # openai/summarize_from_feedback "comparisons" validation split that are CNN/DM articles.
