@@ -10,8 +10,9 @@ Shape: ``CONFIG`` (default tldr-llama-3.2-1b-1gpu): its policy architecture (rea
 from its table of public configs, no download), PPO batch, micro-batch, rollout and forward
 batches, query length (prompts of exactly ``data.max_query_length`` random tokens) and
 response length; policy, reference, critic and RM all of that architecture, randomly
-initialised; trained models in ``model.dtype`` with bf16 autocast (``parallel.mixed_precision``),
-frozen ones in ``model.frozen_dtype``. The phases are the steps of
+initialised, placed by :func:`rlhflab.parallel.make_engine` as ``rlhflab ppo`` places them
+(trained models in ``model.dtype``, bf16 autocast for ``parallel.mixed_precision=bf16``, gradient
+checkpointing; frozen ones in ``model.frozen_dtype``). The phases are the steps of
 :func:`rlhflab.stages.ppo.ppo_update` -- rollout (sampling + ref/critic/RM forwards), advantages,
 training (4 PPO epochs) -- with the peak-memory counter reset between them.
 Measured peak: ``torch.cuda.max_memory_allocated`` (allocated tensors, what the plan predicts;
@@ -61,6 +62,7 @@ def main() -> dict:
     from rlhflab.config import derive_batch, load_config
     from rlhflab.models.policy import disable_dropout
     from rlhflab.models.reward import RewardModel
+    from rlhflab.parallel import make_engine
     from rlhflab.plan import KNOWN_ARCHS, Arch, plan
     from rlhflab.stages.common import make_optimizer, make_scheduler
     from rlhflab.stages.ppo import (PPOModels, Prompt, collect_rollout, compute_advantages, make_kl_controller,
@@ -77,10 +79,7 @@ def main() -> dict:
     write_arch(tmp / "arch", arch)
     cfg = load_config(CONFIG, [f"model.policy={tmp / 'arch'}"] + (TINY_OVERRIDES if TINY else []))
     p, V = cfg.ppo, arch.vocab
-    bf16 = cfg.parallel.mixed_precision == "bf16"
-    p = p.model_copy(update={"bf16": bf16})  # unsharded mixed precision = bf16 autocast (ppo.bf16's path)
-    train_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    frozen_dtype = torch.bfloat16 if (cfg.model.frozen_dtype or cfg.model.dtype) == "bfloat16" else torch.float32
+    p = p.model_copy(update={"bf16": cfg.parallel.mixed_precision == "bf16"})  # one process, unwrapped: bf16 autocast
     Q, R, B = cfg.data.max_query_length, cfg.response_length, p.batch_size
 
     tk = Tokenizer(tk_models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
@@ -93,17 +92,15 @@ def main() -> dict:
         torch.cuda.reset_peak_memory_stats()
     base_kib = _rss_kib("VmRSS")
     t0 = time.perf_counter()
+    acc = SimpleNamespace(device=device, num_processes=1, process_index=0)  # one process: no accelerate needed
+    engine = make_engine(cfg, acc)  # model.dtype, model.frozen_dtype, checkpointing: as `rlhflab ppo` places them
     with torch.device(device):
-        policy = disable_dropout(LlamaForCausalLM(hf)).to(train_dtype)
-        ref = disable_dropout(LlamaForCausalLM(hf)).to(frozen_dtype).eval().requires_grad_(False)
-        critic = disable_dropout(LlamaForSequenceClassification(hf)).to(train_dtype)
-        rm = disable_dropout(LlamaForSequenceClassification(hf)).to(frozen_dtype).eval().requires_grad_(False)
-    if cfg.parallel.gradient_checkpointing:
-        for m in (policy, critic):
-            m.gradient_checkpointing_enable()
+        policy = engine.prepare(disable_dropout(LlamaForCausalLM(hf)))
+        ref = engine.frozen(disable_dropout(LlamaForCausalLM(hf)))
+        critic = engine.prepare(disable_dropout(LlamaForSequenceClassification(hf)))
+        rm = engine.frozen(disable_dropout(LlamaForSequenceClassification(hf)))
     models = prepare_ppo_models(PPOModels(policy, ref, critic, RewardModel(rm, tok, bias=0.0, max_length=Q + R + 2), tok))
     build_s = time.perf_counter() - t0
-    acc = SimpleNamespace(device=device, num_processes=1, process_index=0)  # one process: no accelerate needed
     sizes = derive_batch("ppo", B, p.micro_batch_size, 1, p.num_mini_batches)
     opt = make_optimizer(list(policy.parameters()) + list(critic.parameters()), p.optim, fused=True)
     sched = make_scheduler(opt, "linear", 2)

@@ -11,10 +11,11 @@ tokens, RESP_LEN sampled tokens; one update = BATCH episodes (global), 4 PPO epo
 minibatch, micro-batch = the per-process batch; fp32 AdamW over policy + critic. The update
 is :func:`rlhflab.stages.ppo.ppo_update` (the function `rlhflab ppo` runs per update).
 
-MODE: ``fp32`` (baseline); ``bf16_ckpt`` (bf16 autocast + HF gradient checkpointing on
-policy and critic); ``ddp`` (plain data parallel, N processes); ``fsdp2`` and ``offload``
-(the `parallel` engine of the scale branch: FSDP2 sharding, and FSDP2 with CPU offload) --
-these need ``rlhflab.parallel``.
+MODE (the ``parallel.*`` keys given to :func:`rlhflab.parallel.make_engine`, the engine
+`rlhflab ppo` uses; :data:`MODES`): ``fp32`` (baseline); ``bf16_ckpt`` (bf16 mixed precision =
+autocast with fp32 weights, + gradient checkpointing of policy and critic); ``ddp`` (N processes,
+``sharding=none``: plain data parallel); ``fsdp2`` (FSDP2 sharding over N processes);
+``offload`` (FSDP2 + CPU offload of params, grads and AdamW states).
 
 Measured per process: peak resident set (``VmHWM`` of /proc/self/status) minus the resident
 set just before the models are built (the Python/torch/transformers runtime, which the plan
@@ -34,6 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ENV = {k: os.environ.get(k, d) for k, d in (("LAYERS", "6"), ("WIDTH", "512"), ("VOCAB", "8192"), ("PROMPT_LEN", "64"),
                                             ("RESP_LEN", "53"), ("BATCH", "8"), ("MODE", "fp32"))}
+
+
+MODES = {"fp32": [], "bf16_ckpt": ["parallel.mixed_precision=bf16", "parallel.gradient_checkpointing=true"],
+         "ddp": [], "fsdp2": ["parallel.sharding=fsdp2"],
+         "offload": ["parallel.sharding=fsdp2", "parallel.cpu_offload=true"]}
 
 
 def _status_kib(key: str) -> int:
@@ -79,19 +85,21 @@ def one_update(L: int, W: int, V: int, P: int, R: int, B: int, mode: str, acc) -
 
     nproc = acc.num_processes
     per = B // nproc
-    models, _ = build("llama", L, W, V)
-    if mode == "bf16_ckpt":
-        for m in (models.policy, models.critic):
-            m.gradient_checkpointing_enable()
-    if mode in ("fsdp2", "offload"):
-        from rlhflab import parallel  # the scale branch's engine
+    from rlhflab.config import load_config
+    from rlhflab.parallel import make_engine
 
-        models = parallel.wrap_ppo_models(models, sharding="fsdp2", cpu_offload=mode == "offload")  # noqa
+    models, _ = build("llama", L, W, V)
+    # The engine `rlhflab ppo` uses (rlhflab.parallel), configured by the mode's parallel.* keys.
+    engine = make_engine(load_config("default", MODES[mode]), acc)
+    models.policy, models.critic = engine.prepare(models.policy), engine.prepare(models.critic)
+    models.ref_policy, models.reward.model = engine.frozen(models.ref_policy), engine.frozen(models.reward.model)
+    bf16_autocast = engine.pc.mixed_precision == "bf16" and not engine.wrapped  # as stages/ppo.py main()
     p = PPOConfig(total_episodes=2 * B, batch_size=B, micro_batch_size=per, num_mini_batches=1, ppo_epochs=4,
                   temperature=0.7, kl_coef=0.05, response_length=R, missing_eos="subtract", missing_eos_penalty=1.0,
-                  bf16=mode == "bf16_ckpt", optim={"lr": 3e-6, "eps": 1e-5})
+                  bf16=bf16_autocast, optim={"lr": 3e-6, "eps": 1e-5})
     sizes = derive_batch("ppo", B, per, nproc, 1)
-    opt = make_optimizer(list(models.policy.parameters()) + list(models.critic.parameters()), p.optim, fused=True)
+    opt = make_optimizer(list(models.policy.parameters()) + list(models.critic.parameters()), p.optim,
+                         fused=not engine.wrapped)
     sched = make_scheduler(opt, "linear", 2)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(2, V, (B, P), generator=g).tolist()

@@ -197,3 +197,16 @@ def test_activation_formula_matches_the_tensors_autograd_saves():
         predicted = 2 * 32 * (a.layers * a.activation_elems_per_token_layer() + 3 * a.hidden) * 4
         measured = _saved_bytes(model, ids, mask)
         assert abs(predicted - measured) / measured < 0.06, (cls.__name__, predicted, measured)
+
+
+def test_lora_trains_only_adapters_and_shares_the_reference():
+    full = plan_stage(_small_inputs(), "ppo")
+    lora = plan_stage(_small_inputs(lora_rank=2), "ppo")
+    # policy + critic, 2 layers each, rank 2, r*(in+out) for q,k,v,o (16+16) and gate, up, down (16+32)
+    adapters = 2 * 2 * 2 * (4 * (16 + 16) + 3 * (16 + 32))
+    assert lora.terms["optim"] == 2 * adapters * 4
+    assert lora.parts["grads"] == adapters * 4
+    assert lora.terms["frozen_weights (ref+RM)"] == 6240 * 4  # the RM only: the reference is the adapter-off policy
+    assert lora.peak_bytes < full.peak_bytes
+    # model.lora.stages without ppo: PPO fine-tunes every weight again
+    assert plan_stage(_small_inputs(lora_rank=2, lora_stages=("sft",)), "ppo").peak_bytes == full.peak_bytes

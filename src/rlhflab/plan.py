@@ -206,6 +206,7 @@ class PlanInputs:
     policy: Arch
     reward: Arch
     critic_from_policy: bool  # model.critic=policy: the critic is the policy's backbone + a head
+    critic_shared: bool = False  # model.critic=shared (LoRA branch): the critic reuses the policy's trunk
     gpus: int = 1
     device: str = "cuda"  # cuda | cpu (on a CPU, "device" and "host" memory are the same RAM)
     sharding: str = "none"  # parallel.sharding
@@ -214,7 +215,8 @@ class PlanInputs:
     gradient_checkpointing: bool = False  # parallel.gradient_checkpointing
     dtype: str = "float32"  # model.dtype
     frozen_dtype: Optional[str] = None  # model.frozen_dtype (None: model.dtype)
-    lora_rank: int = 0  # model.lora.r (0: full fine-tuning)
+    lora_rank: int = 0  # model.lora.rank when model.lora.enabled (0: full fine-tuning)
+    lora_stages: tuple = ("sft", "rm", "ppo")  # model.lora.stages
     query_length: int = 512
     response_length: int = 53
     pref_response_length: int = 106
@@ -234,15 +236,17 @@ class PlanInputs:
         derive_batch("sft", s.batch_size, s.micro_batch_size, gpus)  # refuses batch sizes that do not divide
         derive_batch("rm", r.batch_size, r.micro_batch_size, gpus)
         ppo_b = derive_batch("ppo", p.batch_size, p.micro_batch_size, gpus, p.num_mini_batches)
-        lora = _get(cfg, "model.lora", None)
-        lora_rank = int(getattr(lora, "r", 0) or getattr(lora, "rank", 0) or 0) if lora is not None else 0
+        lora = _get(cfg, "model.lora", None)  # added by the LoRA branch; absent here -> full fine-tuning
+        lora_rank = int(getattr(lora, "rank", 0) or 0) if lora is not None and getattr(lora, "enabled", False) else 0
+        lora_stages = tuple(getattr(lora, "stages", ("sft", "rm", "ppo"))) if lora is not None else ("sft", "rm", "ppo")
         mp = _get(cfg, "parallel.mixed_precision", "no")
         if mp == "no" and getattr(p, "bf16", False):
             mp = "bf16"  # the older ppo.bf16 switch: autocast, fp32 weights
         rollout = _get(cfg, "ppo.rollout_batch_size", None) or ppo_b.per_process_batch
         forward = _get(cfg, "ppo.forward_batch_size", None) or p.micro_batch_size
         return cls(
-            policy=policy_arch(cfg), reward=reward_arch(cfg), critic_from_policy=cfg.model.critic == "policy",
+            policy=policy_arch(cfg), reward=reward_arch(cfg), critic_from_policy=cfg.model.critic in ("policy", "shared"),
+            critic_shared=cfg.model.critic == "shared", lora_stages=lora_stages,
             gpus=gpus, device=device, sharding=_get(cfg, "parallel.sharding", "none"), mixed_precision=mp,
             cpu_offload=bool(_get(cfg, "parallel.cpu_offload", False)),
             gradient_checkpointing=bool(_get(cfg, "parallel.gradient_checkpointing", False)),
@@ -364,6 +368,8 @@ def _forward_transient(x: PlanInputs, arch: Arch, rows: int, seq: int) -> float:
 
 def plan_stage(x: PlanInputs, stage: str) -> StagePlan:
     """Predicted per-device peak of ``stage`` (sft | rm | ppo) for the inputs ``x``."""
+    if x.lora_rank and stage not in x.lora_stages:
+        x = replace(x, lora_rank=0)
     pa, ra = x.policy, x.reward
     fb = 2 if (x.frozen_dtype or x.dtype) == "bfloat16" else 4  # frozen models: model.frozen_dtype, replicated
     per_layer = {"policy": f"{pa.activation_elems_per_token_layer()} elements/token/layer ({pa.family})"}
@@ -392,7 +398,12 @@ def plan_stage(x: PlanInputs, stage: str) -> StagePlan:
     critic_arch = pa if x.critic_from_policy else ra
     n_pol, n_ref = pa.lm_params(), pa.lm_params()
     n_crit, n_rm = critic_arch.backbone_params() + critic_arch.hidden, ra.backbone_params() + ra.hidden
+    if x.lora_rank:  # LoRA: the reference is the policy with its adapter disabled -- no second copy
+        n_ref = 0
     tp, tc = _trained(x, n_pol, pa), _trained(x, n_crit, critic_arch)
+    if x.critic_shared:  # one trunk for policy and critic: the critic adds its value head only
+        n_crit = critic_arch.hidden
+        tc = _trained(replace(x, lora_rank=0), n_crit, critic_arch)
     trained_w = tp["weights"] + tc["weights"]
     optim = tp["optim"] + tc["optim"]
     grads = tp["grads"] + tc["grads"]
