@@ -227,10 +227,13 @@ def _kill_at_random_moment(stage: str, cfg, overrides, n_ref_lines: int, rng: ra
                "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         env.pop(common.STOP_ENV, None)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 600
+        deadline = time.time() + 1800  # a loaded 2-core machine can take minutes to import torch
         while _lines(metrics) < k:  # -1 while the file does not exist: k = 0 waits for the stage to start
-            if proc.poll() is not None or time.time() > deadline:
+            if proc.poll() is not None:
                 break
+            if time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"{stage} did not reach step {k} within 30 min")
             time.sleep(0.02)
         time.sleep(delay)
         if proc.poll() is None:

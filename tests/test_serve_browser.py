@@ -4,7 +4,8 @@ JSON), so no Python package beyond the standard library is needed.
 
 A real uvicorn server with tiny models runs on 127.0.0.1; the test types a post into the page,
 clicks submit, reads the ranked candidates back, checks them against the server's own answer for
-the same seeded request, and saves a screenshot.
+the same seeded request, and saves a screenshot. The page talks to ``POST /v1/chat/completions``
+with ``stream: true`` and reads the server-sent events itself.
 
 Needs ``apt-get install chromium``; skipped otherwise. Run: ``pytest -m browser tests/test_serve_browser.py``.
 """
@@ -170,6 +171,9 @@ def test_playground_ranks_candidates(server, browser, tmp_path):
         index: Number(li.dataset.index), reward: Number(li.dataset.reward), picked: li.classList.contains('picked'),
         badge: getComputedStyle(li.querySelector('.badge')).display, text: li.querySelector('pre').textContent}))""")
     assert "Done in" in browser.js("document.getElementById('status').textContent")
+    # It came over the chat endpoint as a stream: role chunk, the winner, its finish, usage, [DONE].
+    assert browser.js("document.getElementById('results').dataset.transport") == "chat-stream"
+    assert int(browser.js("document.getElementById('results').dataset.events")) >= 5
 
     rewards = [c["reward"] for c in shown]
     assert rewards == sorted(rewards, reverse=True)
@@ -209,3 +213,10 @@ def test_playground_raw_prompt_and_server_error(server, browser):
     browser.click("submit")
     browser.wait_for("document.querySelectorAll('#results li.candidate').length === 3")
     assert browser.js("document.querySelectorAll('#results li.picked').length") == 1
+
+    # N = 1: the tokens stream live (one event per token at least), then the ranked single candidate.
+    browser.type_into("best-of", "1")
+    browser.type_into("max-tokens", "10")
+    browser.click("submit")
+    browser.wait_for("document.querySelectorAll('#results li.candidate').length === 1")
+    assert int(browser.js("document.getElementById('results').dataset.events")) >= 4  # role, finish, usage, [DONE]
