@@ -219,3 +219,22 @@ def test_overopt_stage_on_a_tiny_run(tmp_path):
     h = headline(cfg)
     assert h["overopt/bon/gold_alpha"] == res["fits"]["bon"]["gold"]["alpha"]
     assert h["overopt/bon4_vs_ppo/ppo_kl"] == c["ppo_kl"] and h["overopt/reading"] == res["reading"]
+
+
+def test_find_snapshots_stride_and_final(tmp_path):
+    from rlhflab.stages.overopt import find_snapshots
+
+    for u in (4, 8, 12, 16):
+        d = tmp_path / "ppo" / "snapshots" / f"update-{u:05d}"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+    (tmp_path / "ppo" / "snapshots" / "update-00020").mkdir()  # incomplete: no config.json
+    # a run still training: every 2nd snapshot, and the newest one always
+    assert [u for u, _ in find_snapshots(tmp_path, 2)] == [8, 16]
+    assert [u for u, _ in find_snapshots(tmp_path, 3)] == [12, 16]
+    # a finished run: the final policy stands for its last update
+    (tmp_path / "ppo" / "policy").mkdir()
+    (tmp_path / "ppo" / "policy" / "config.json").write_text("{}")
+    (tmp_path / "ppo" / "metrics.json").write_text(json.dumps({"update": 16}))
+    got = find_snapshots(tmp_path, 1)
+    assert [u for u, _ in got] == [4, 8, 12, 16] and got[-1][1] == tmp_path / "ppo" / "policy"
