@@ -235,14 +235,15 @@ def test_readme_network_command_is_a_valid_real_data_config():
 
 def test_rm_stage_on_fixture_comparisons_reports_cnndm_rows(fixtures, tmp_path):
     """The stage the real-data command stopped in: the RM alone (backbone = the fixture policy,
-    no SFT run), short queries so it takes seconds."""
+    no SFT run), with the README's 512-token query budget (a shorter one would make the
+    newline-free posts cost thousands of one-character cuts)."""
     from rlhflab.config import load_config
     from rlhflab.stages import rm
 
     cfg = load_config("default", [
         "data.task=tldr", f"data.sft_dataset={fixtures['sft']}", f"data.preference_dataset={fixtures['comparisons']}",
-        f"model.policy={fixtures['policy']}", f"model.reward_backbone={fixtures['policy']}", "data.max_query_length=96",
-        f"out_dir={tmp_path}", "name=rm-only", "rm.batch_size=8", "rm.micro_batch_size=8", "rm.max_length=288"])
+        f"model.policy={fixtures['policy']}", f"model.reward_backbone={fixtures['policy']}", "data.max_query_length=512",
+        f"out_dir={tmp_path}", "name=rm-only", "rm.batch_size=8", "rm.micro_batch_size=8", "rm.max_length=704"])
     m = rm.main(cfg, bias_samples=8)
     assert m["data/cnndm_rows_skipped"] == fixtures["cnndm_validation_rows"] == 3
     assert (m["data/train_pairs"], m["data/validation_pairs"]) == (24, 12)  # every TL;DR row kept, CNN/DM left out

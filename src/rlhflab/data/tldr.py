@@ -276,7 +276,7 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 def _truncated_query_ids(tokenizer: Any, fields: Sequence[tuple[str, str, str]], max_query_length: int,
                          chunk: int = 32) -> tuple[list[Optional[list[int]]], list[str]]:
-    """Huang's truncation for many rows at once, cutting as SFD's ``process_query`` does.
+    r"""Huang's truncation for many rows at once, cutting as SFD's ``process_query`` does.
 
     For each ``(subreddit, title, post)``: while the tokenised query is longer than
     ``max_query_length``, the post is cut before its last newline (``post[:post.rindex("\n")]``,
