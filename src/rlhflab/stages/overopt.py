@@ -129,7 +129,8 @@ def _cached(path: Path, key: dict, compute) -> Scored:
     meta = path.with_suffix(".json")
     if path.exists() and meta.exists() and json.loads(meta.read_text()) == key:
         z = np.load(path)
-        return Scored(z["proxy"], z["gold"], z["kl"] if "kl" in z.files else None, float(z["seconds"]), float(z["cpu_seconds"]))
+        return Scored(z["proxy"], z["gold"], z["kl"] if "kl" in z.files else None, float(z["seconds"]),
+                      float(z["cpu_seconds"]) if "cpu_seconds" in z.files else float("nan"))
     out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"proxy": out.proxy, "gold": out.gold, "seconds": np.array(out.seconds), "cpu_seconds": np.array(out.cpu_seconds)}
