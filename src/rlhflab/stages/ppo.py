@@ -87,6 +87,8 @@ from rlhflab.algos import (
 from rlhflab.algos.logprobs import logprobs_and_entropy_from_logits
 from rlhflab.config import BatchSizes, PPOConfig, RunConfig, derive_batch, save_config
 from rlhflab.errors import StageError
+from rlhflab.models.critic import SharedValueHead, is_shared
+from rlhflab.models.lora import AdapterDisabledReference, apply_lora, lora_active, save_outputs
 from rlhflab.models.policy import fuse_gelu, load_policy, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import RewardModel, build_critic, is_decoder_rm, token_scores
 from rlhflab.monitor import KLMonitor, verdict_code
@@ -196,6 +198,21 @@ def response_values(critic: nn.Module, query_responses: Tensor, attention_mask: 
     values = token_scores(critic, query_responses, attention_mask)
     T = query_responses.shape[1]
     return values[:, T - response_length - 1: T - 1].float()
+
+
+def response_logits_and_values(models: PPOModels, query_responses: Tensor, attention_mask: Tensor,
+                               response_length: int) -> tuple[Tensor, Tensor]:
+    """Policy logits [B, R, V] and critic values [B, R]. With the shared critic
+    (``model.critic=shared``) ONE policy forward gives both: the value head reads the trunk's
+    output captured during the logits forward (:meth:`SharedValueHead.capture`)."""
+    if is_shared(models.critic):
+        with models.critic.capture() as trunk:
+            logits = response_logits(models.policy, query_responses, attention_mask, response_length)
+        T = query_responses.shape[1]
+        values = models.critic.values_from_hidden(trunk.hidden[:, T - response_length - 1: T - 1])
+        return logits, values.float()
+    return (response_logits(models.policy, query_responses, attention_mask, response_length),
+            response_values(models.critic, query_responses, attention_mask, response_length))
 
 
 def _trim(query_ids: Tensor, query_mask: Tensor, responses: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -415,8 +432,7 @@ def ppo_train(models: PPOModels, optimizer: torch.optim.Optimizer, batch: PPOBat
                 ids, mask, R = _trim(r.query_ids[idx], r.query_mask[idx], r.responses[idx], r.response_mask[idx])
                 response_mask = r.response_mask[idx, :R]
                 with _autocast(device, p.bf16):
-                    logits = response_logits(models.policy, ids, mask, R)
-                    new_values = response_values(models.critic, ids, mask, R)
+                    logits, new_values = response_logits_and_values(models, ids, mask, R)
                 # One log-softmax serves the loss and the logged entropy.
                 new_logprobs, entropy_t = logprobs_and_entropy_from_logits(logits, r.responses[idx, :R], p.temperature)
                 pg_loss, pg_stats = policy_loss(new_logprobs, r.logprobs[idx, :R], batch.advantages[idx, :R],
@@ -530,7 +546,12 @@ def load_ppo_models(cfg: RunConfig, device: torch.device) -> tuple[PPOModels, st
             raise StageError(f"ppo needs the {what} at {d} (run `rlhflab {cmd}` with the same config first)")
     tokenizer = load_tokenizer(sft_dir, padding_side="left")
     policy = load_policy(sft_dir).to(device)
-    ref_policy = load_policy(sft_dir).to(device).eval().requires_grad_(False)
+    lora = lora_active(cfg.model.lora, "ppo")
+    if lora:  # the reference is the policy with its adapter switched off: no second copy (TRL's peft PPO)
+        policy = apply_lora(policy, cfg.model.lora, "causal", base_path=sft_dir)
+        ref_policy = AdapterDisabledReference(policy)
+    else:
+        ref_policy = load_policy(sft_dir).to(device).eval().requires_grad_(False)
     reward = RewardModel.from_pretrained(rm_dir, device=device)
     reward.model.requires_grad_(False)
     same_tokens = is_decoder_rm(reward.model) and reward.tokenizer.get_vocab() == tokenizer.get_vocab()
@@ -538,13 +559,17 @@ def load_ppo_models(cfg: RunConfig, device: torch.device) -> tuple[PPOModels, st
     if critic_kind == "reward" and not same_tokens:
         note = (f"model.critic=reward needs an RM that reads the policy's tokens; the RM at {rm_dir} "
                 f"({type(reward.model).__name__}) has its own tokenizer, so the critic is a value head on a copy "
-                f"of the SFT policy (model.critic=policy)")
+                f"of the SFT policy (model.critic=copy)")
         log.warning(note)
-        critic_kind = "policy"
-    if critic_kind == "reward":
+        critic_kind = "copy"
+    if critic_kind == "shared":
+        critic = SharedValueHead(policy, seed=cfg.ppo.seed)  # value head on the policy's own trunk
+    elif critic_kind == "reward":
         critic = build_critic(rm_dir)  # Huang: the critic starts as the RM
     else:
         critic = build_critic(sft_dir, reinit_head=True, seed=cfg.ppo.seed)
+    if lora and critic_kind != "shared":  # a separate critic gets its own adapter (+ trainable head)
+        critic = apply_lora(critic, cfg.model.lora, "seq_cls", base_path=rm_dir if critic_kind == "reward" else sft_dir)
     return prepare_ppo_models(PPOModels(policy, ref_policy, critic.to(device), reward, tokenizer)), critic_kind, note
 
 
@@ -560,7 +585,8 @@ def prepare_ppo_models(models: PPOModels) -> PPOModels:
     117 tokens, CPU, 1 thread) its forward+backward was ~3% faster than ``eager``.
     """
     for model in (models.policy, models.ref_policy, models.critic, models.reward.model):
-        fuse_gelu(model)
+        if isinstance(model, nn.Module):  # not the LoRA reference view (it computes with the policy's modules)
+            fuse_gelu(model)
     return models
 
 
@@ -631,8 +657,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
     seed_everything(p.seed)
     models, critic_kind, critic_note = load_ppo_models(cfg, device)
     prompts = load_prompts(cfg, models.tokenizer)
-    optimizer = make_optimizer(list(models.policy.parameters()) + list(models.critic.parameters()), p.optim,
-                               fused=True)
+    optimizer = make_optimizer([x for x in list(models.policy.parameters()) + list(models.critic.parameters())
+                                if x.requires_grad], p.optim, fused=True)
     scheduler = make_scheduler(optimizer, "linear" if p.anneal_lr else "constant", num_updates, p.optim.warmup_ratio)
     kl_ctl = make_kl_controller(p)
 
@@ -743,15 +769,10 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
     if is_main:
         logger.close()
         tok = models.tokenizer
-
-        def write_model(model):
-            def write(tmp: Path) -> None:
-                model.save_pretrained(tmp)
-                tok.save_pretrained(tmp)
-            return write
-
-        atomic_save_dir(stage_dir / "policy", write_model(models.policy))
-        atomic_save_dir(stage_dir / "value", write_model(models.critic))
+        # With LoRA: <ppo>/policy_adapter, value_adapter, and the merged models in policy/ and value/.
+        outputs = save_outputs(models.policy, tok, stage_dir, "policy", cfg.model.lora, atomic_save_dir)
+        outputs.update({("value_" + k if k == "adapter_dir" else k): v for k, v in
+                        save_outputs(models.critic, tok, stage_dir, "value", cfg.model.lora, atomic_save_dir).items()})
         wall = elapsed_before + time.time() - t_start
         history = [row for row in _read_metrics(stage_dir) if "objective/kl" in row]
         result = {
@@ -767,6 +788,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
             "num_processes": accelerator.num_processes, "batch/grad_accum": sizes.grad_accum,
             "time/wall_s": round(wall, 2), "perf/episodes_per_s": round(num_updates * p.batch_size / max(wall, 1e-9), 3),
             "policy_dir": str(stage_dir / "policy"), "value_dir": str(stage_dir / "value"),
+            "lora": lora_active(cfg.model.lora, "ppo"), **outputs,
         }
         write_json(stage_dir / "metrics.json", result)
     accelerator.wait_for_everyone()

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from rlhflab.config import RunConfig, derive_batch, save_config
 from rlhflab.data.tldr import load_preferences, load_split, tokenize_sft
 from rlhflab.errors import StageError
+from rlhflab.models.lora import apply_lora, lora_active, save_outputs
 from rlhflab.models.policy import count_parameters, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import RewardModel, build_reward_backbone, is_decoder_rm, minilm_path
 from rlhflab.runtime import CheckpointManager, MetricsLogger, atomic_save_dir, progress, seed_everything, write_json
@@ -315,6 +316,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
     seed_everything(r.seed)
     rm = build_reward_model(cfg, seed=r.seed)
     n_params = count_parameters(rm.model)
+    if lora_active(cfg.model.lora, "rm"):  # adapters + the score head train (model.lora)
+        rm.model = apply_lora(rm.model, cfg.model.lora, "seq_cls", base_path=source)
 
     # 4. Optimizer, schedule, resume. ------------------------------------------------------------
     ckpts = CheckpointManager(stage_dir / "state")
@@ -325,7 +328,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
         rm.model.load_state_dict(state["model"])
     model = accelerator.prepare(rm.model)
     rm.model = accelerator.unwrap_model(model)
-    optimizer = make_optimizer(rm.model.parameters(), r.optim)
+    optimizer = make_optimizer([q for q in rm.model.parameters() if q.requires_grad], r.optim)
     scheduler = make_scheduler(optimizer, "cosine", total_steps, r.optim.warmup_ratio)
     start_step, elapsed_before = 0, 0.0
     if state is not None:
@@ -404,7 +407,10 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
         metrics, rows = evaluate_rm(rm, val, cfg, batch_size=2 * r.micro_batch_size)
         logger.log(total_steps, metrics)
         logger.close()
-        atomic_save_dir(stage_dir / "reward", rm.save)
+        n_trainable = sum(q.numel() for q in rm.model.parameters() if q.requires_grad)
+        # rm/reward (with its bias; merged when LoRA trained) and rm/reward_adapter with LoRA.
+        outputs = save_outputs(rm.model, rm.tokenizer, stage_dir, "reward", cfg.model.lora, atomic_save_dir,
+                               save_merged=rm.save)
         with open(stage_dir / "eval_pairs.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
@@ -416,7 +422,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
             "data/skip_reasons": {"train": dict(train_skips.counts), "validation": dict(val_skips.counts)},
             "model/parameters": n_params, "num_processes": accelerator.num_processes,
             "batch/grad_accum": sizes.grad_accum, "time/wall_s": round(elapsed_before + time.time() - t_start, 2),
-            "reward_dir": str(stage_dir / "reward"),
+            "reward_dir": str(stage_dir / "reward"), "lora": lora_active(cfg.model.lora, "rm"), **outputs,
+            "model/trainable_parameters": n_trainable,
         }
         write_json(stage_dir / "metrics.json", result)  # last: its presence marks the stage finished
     accelerator.wait_for_everyone()

@@ -39,6 +39,7 @@ from rlhflab.data.collate import IGNORE_INDEX, sft_batch
 from rlhflab.data.tldr import SFTExample, load_sft
 from rlhflab.errors import StageError
 from rlhflab.models.generation import generate_texts
+from rlhflab.models.lora import apply_lora, lora_active, save_outputs
 from rlhflab.models.policy import build_policy, count_parameters
 from rlhflab.runtime import CheckpointManager, MetricsLogger, atomic_save_dir, progress, seed_everything, write_json
 from rlhflab.stages.common import (
@@ -206,6 +207,13 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
     seed_everything(s.seed)
     model = build_policy(tokenizer, cfg.model.policy, cfg.model.arch, seed=s.seed)
     n_params = count_parameters(model)
+    if lora_active(cfg.model.lora, "sft"):  # only the adapters train (model.lora)
+        base_path = cfg.model.policy
+        if base_path is None:  # a from-scratch base exists nowhere else: keep it, so sft/policy_adapter stays usable
+            base_path = stage_dir / "base"
+            if is_main and not (base_path / "config.json").is_file():
+                atomic_save_dir(base_path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        model = apply_lora(model, cfg.model.lora, "causal", base_path=base_path)
 
     # 4. Resume: weights before `prepare` (which may move them), optimizer state after. -----
     ckpts = CheckpointManager(stage_dir / "state")
@@ -216,7 +224,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
         model.load_state_dict(state["model"])
     model = accelerator.prepare(model)
     raw_model = accelerator.unwrap_model(model)
-    optimizer = make_optimizer(raw_model.parameters(), s.optim)
+    optimizer = make_optimizer([q for q in raw_model.parameters() if q.requires_grad], s.optim)
     # Not passed through accelerator.prepare: its scheduler wrapper steps once per process.
     scheduler = make_scheduler(optimizer, "cosine", total_steps, s.optim.warmup_ratio)
     start_step, elapsed_before = 0, 0.0
@@ -299,11 +307,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
         logger.log(total_steps, metrics)
         logger.close()
 
-        def write_policy(tmp):
-            raw_model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-
-        atomic_save_dir(stage_dir / "policy", write_policy)
+        # sft/policy (merged when LoRA trained, model.lora.merge_on_save) and sft/policy_adapter with LoRA.
+        outputs = save_outputs(raw_model, tokenizer, stage_dir, "policy", cfg.model.lora, atomic_save_dir)
         with open(stage_dir / "eval_samples.jsonl", "w") as f:
             for row in samples:
                 f.write(json.dumps(row) + "\n")
@@ -314,7 +319,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
             "data/skip_reasons": {"train": dict(train_skips.counts), "validation": dict(val_skips.counts)},
             "model/parameters": n_params, "num_processes": accelerator.num_processes,
             "batch/grad_accum": sizes.grad_accum, "time/wall_s": round(elapsed_before + time.time() - t_start, 2),
-            "policy_dir": str(stage_dir / "policy"),
+            "policy_dir": str(stage_dir / "policy"), "lora": lora_active(cfg.model.lora, "sft"), **outputs,
+            "model/trainable_parameters": sum(q.numel() for q in raw_model.parameters() if q.requires_grad),
         }
         write_json(stage_dir / "metrics.json", result)  # last: its presence marks the stage finished
     accelerator.wait_for_everyone()
