@@ -24,7 +24,7 @@ for s in $SEEDS; do
       run="$OUT/seed-$s/$v"; mkdir -p "$run"
       [ -d "$run/sft" ] || cp -r "$SRC/seed-$s/sft" "$run/sft"
       [ -d "$run/rm" ] || cp -r "$SRC/seed-$s/rm" "$run/rm"
-      common="out_dir=$OUT/seed-$s name=$v data.dir=$OUT/data ppo.total_episodes=$EPISODES ppo.seed=$((3 + 1000 * s)) eval.seed=$((4 + 1000 * s))"
+      common="out_dir=$OUT/seed-$s name=$v data.dir=$OUT/data ppo.total_episodes=$EPISODES eval.n_prompts=${PROMPTS:-400} ppo.seed=$((3 + 1000 * s)) eval.seed=$((4 + 1000 * s))"
       start=$(date +%s)
       $PY -m rlhflab.cli ppo --config default $common $(overrides $v) > "$run/ppo.log" 2>&1 &&
       $PY -m rlhflab.cli eval --config default $common $(overrides $v) > "$run/eval.log" 2>&1

@@ -10,6 +10,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from ppo_fixtures import build_inputs, make_run  # noqa: E402
 
 from rlhflab.config import ConfigError, LoraSettings, load_config  # noqa: E402
+from rlhflab.errors import StageError  # noqa: E402
 from rlhflab.models import lora  # noqa: E402
 from rlhflab.models.critic import SharedValueHead  # noqa: E402
 from rlhflab.models.policy import fuse_gelu, load_policy  # noqa: E402
@@ -143,6 +144,9 @@ def test_lora_ppo_resumes_to_the_same_weights(tpl, tmp_path, monkeypatch):
     with pytest.raises(StopRequested):
         ppo.main(b)
     monkeypatch.delenv("RLHFLAB_STOP_AFTER_STEP")
+    with pytest.raises(StageError, match="model.lora.enabled=true"):
+        ppo.main(make_run(tpl, tmp_path, "interrupted", "ppo.total_episodes=24", "model.critic=shared", copy=False),
+                 resume=True)
     ppo.main(b, resume=True)
     for sub, fname in (("policy_adapter", "adapter_model.safetensors"), ("policy", "model.safetensors"),
                        ("value", "value_head.safetensors")):
@@ -222,3 +226,21 @@ def test_lora_sft_rm_ppo_writes_loadable_adapters_and_merged_models(smoke_cfg):
         assert torch.allclose(a, b, atol=1e-4), (stage, name)
         assert not torch.allclose(b, c, atol=1e-4), (stage, name)  # the adapter (and head) did something
     assert "rlhflab_reward_bias" in json.loads((run / "rm" / "reward" / "config.json").read_text())
+
+
+def test_lora_with_a_cross_tokenizer_rm(tpl, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from rlhflab.models.reward import RewardModel, build_reward_backbone, minilm_path
+
+    cfg = make_run(tpl, tmp_path, "minilm", *LORA)  # model.critic=reward cannot read the policy's tokens
+    shutil.rmtree(cfg.run_dir / "rm" / "reward")
+    src = str(minilm_path())
+    RewardModel(build_reward_backbone(src, seed=1), AutoTokenizer.from_pretrained(src), bias=0.0,
+                max_length=128).save(cfg.run_dir / "rm" / "reward")
+    result = ppo.main(cfg)
+    assert result["critic"] == "copy" and "model.critic=copy" in result["critic_note"] and result["lora"]
+    assert (cfg.run_dir / "ppo" / "value_adapter" / "adapter_config.json").is_file()
+    assert (cfg.run_dir / "ppo" / "policy" / "config.json").is_file()

@@ -180,6 +180,14 @@ def lora_parameter_counts(model_config, settings: Optional[LoraSettings], task: 
     return {**counts, "base": base}
 
 
+def check_resume_state(saved_state: dict, model: nn.Module, ckpt: Path) -> None:
+    """Refuse, naming ``model.lora.enabled``, a checkpoint written with(out) LoRA resumed without (with) it."""
+    saved = any("lora_" in k for k in saved_state)
+    if saved != is_lora(model):
+        raise StageError(f"cannot resume from {ckpt}: it was written with model.lora.enabled={str(saved).lower()}, "
+                         f"the config now says {str(not saved).lower()}; restore it or start a new run")
+
+
 # ------------------------------------------------------------------------------- saving
 def save_outputs(model: nn.Module, tokenizer, stage_dir: Path, name: str, settings: LoraSettings,
                  atomic_save_dir: Callable[[Path, Callable[[Path], None]], None],

@@ -88,7 +88,7 @@ from rlhflab.algos.logprobs import logprobs_and_entropy_from_logits
 from rlhflab.config import BatchSizes, PPOConfig, RunConfig, derive_batch, save_config
 from rlhflab.errors import StageError
 from rlhflab.models.critic import SharedValueHead, is_shared
-from rlhflab.models.lora import AdapterDisabledReference, apply_lora, lora_active, save_outputs
+from rlhflab.models.lora import AdapterDisabledReference, apply_lora, check_resume_state, lora_active, save_outputs
 from rlhflab.models.policy import fuse_gelu, load_policy, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import RewardModel, build_critic, is_decoder_rm, token_scores
 from rlhflab.monitor import KLMonitor, verdict_code
@@ -667,6 +667,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
     latest = ckpts.latest() if resume else None
     if latest is not None:
         state = load_train_state(latest)
+        check_resume_state(state["policy"], models.policy, latest)
         models.policy.load_state_dict(state["policy"])
         models.critic.load_state_dict(state["critic"])
         kl_ctl.load_state_dict(state["kl_controller"])
