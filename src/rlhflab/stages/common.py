@@ -210,8 +210,10 @@ def stage_dirs(cfg: RunConfig, stage: str) -> tuple[Path, Path]:
 
 
 def is_finished(stage_dir: Path, output: str) -> bool:
-    """A stage is finished when its final model folder ``output`` and its ``metrics.json`` exist."""
-    return (stage_dir / "metrics.json").is_file() and (stage_dir / output / "config.json").is_file()
+    """A stage is finished when its final model folder ``output`` (or, for a LoRA stage saved
+    without merging, ``<output>_adapter``) and its ``metrics.json`` exist."""
+    return (stage_dir / "metrics.json").is_file() and ((stage_dir / output / "config.json").is_file()
+                                                        or (stage_dir / f"{output}_adapter" / "adapter_config.json").is_file())
 
 
 def prepare_stage_dir(stage_dir: Path, output: str, resume: bool, force: bool, is_main: bool) -> Optional[dict]:

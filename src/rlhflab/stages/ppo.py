@@ -89,6 +89,8 @@ from rlhflab.algos import (
 from rlhflab.algos.logprobs import logprobs_and_entropy_from_logits
 from rlhflab.config import BatchSizes, PPOConfig, RunConfig, derive_batch, save_config
 from rlhflab.errors import StageError
+from rlhflab.models.critic import SharedValueHead, is_shared
+from rlhflab.models.lora import AdapterDisabledReference, apply_lora, check_resume_state, lora_active, save_outputs
 from rlhflab.models.policy import fuse_gelu, load_policy, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import build_critic, is_decoder_rm, token_scores
 from rlhflab.monitor import KLMonitor, verdict_code
@@ -96,6 +98,7 @@ from rlhflab.parallel import Engine, all_processes, make_engine, uses_collective
 from rlhflab.rewards import reward_modules, score as score_rewards
 from rlhflab.runtime import (
     CheckpointManager,
+    atomic_save_dir,
     progress,
     rng_state,
     seed_everything,
@@ -203,6 +206,21 @@ def response_values(critic: nn.Module, query_responses: Tensor, attention_mask: 
     values = token_scores(critic, query_responses, attention_mask)
     T = query_responses.shape[1]
     return values[:, T - response_length - 1: T - 1].float()
+
+
+def response_logits_and_values(models: PPOModels, query_responses: Tensor, attention_mask: Tensor,
+                               response_length: int) -> tuple[Tensor, Tensor]:
+    """Policy logits [B, R, V] and critic values [B, R]. With the shared critic
+    (``model.critic=shared``) ONE policy forward gives both: the value head reads the trunk's
+    output captured during the logits forward (:meth:`SharedValueHead.capture`)."""
+    if is_shared(models.critic):
+        with models.critic.capture() as trunk:
+            logits = response_logits(models.policy, query_responses, attention_mask, response_length)
+        T = query_responses.shape[1]
+        values = models.critic.values_from_hidden(trunk.hidden[:, T - response_length - 1: T - 1])
+        return logits, values.float()
+    return (response_logits(models.policy, query_responses, attention_mask, response_length),
+            response_values(models.critic, query_responses, attention_mask, response_length))
 
 
 def _trim(query_ids: Tensor, query_mask: Tensor, responses: Tensor, response_mask: Tensor,
@@ -426,8 +444,7 @@ def ppo_train(models: PPOModels, optimizer: torch.optim.Optimizer, batch: PPOBat
                                      r.value_mask[idx])
                 response_mask, vmask = r.response_mask[idx, :R], r.value_mask[idx, :R]
                 with _autocast(device, p.bf16):
-                    logits = response_logits(models.policy, ids, mask, R)
-                    new_values = response_values(models.critic, ids, mask, R)
+                    logits, new_values = response_logits_and_values(models, ids, mask, R)
                 # One log-softmax serves the loss and the logged entropy.
                 new_logprobs, entropy_t = logprobs_and_entropy_from_logits(logits, r.responses[idx, :R], p.temperature)
                 pg_loss, pg_stats = policy_loss(new_logprobs, r.logprobs[idx, :R], batch.advantages[idx, :R],
@@ -551,7 +568,15 @@ def load_ppo_models(cfg: RunConfig, device: torch.device, reward_fns: Sequence[t
     reward = build_reward(cfg, device, reward_fns)
     tokenizer = load_tokenizer(sft_dir, padding_side="left")
     policy = load_policy(sft_dir).to(device)
-    ref_policy = load_policy(sft_dir).to(device).eval().requires_grad_(False)
+    lora = lora_active(cfg.model.lora, "ppo")
+    if (lora or cfg.model.critic == "shared") and engine is not None and engine.wrapped:
+        raise StageError("model.lora and model.critic=shared with several processes are not supported yet (peft "
+                         "adapters and the shared value head are not wired into the FSDP2 engine); run them on one process")
+    if lora:  # the reference is the policy with its adapter switched off: no second copy (TRL's peft PPO)
+        policy = apply_lora(policy, cfg.model.lora, "causal", base_path=sft_dir)
+        ref_policy = AdapterDisabledReference(policy)
+    else:
+        ref_policy = load_policy(sft_dir).to(device).eval().requires_grad_(False)
     rm = trained_rm(reward)
     rm_dir = trained_rm_dir(cfg, reward)
     same_tokens = rm is not None and is_decoder_rm(rm.model) and rm.tokenizer.get_vocab() == tokenizer.get_vocab()
@@ -564,17 +589,24 @@ def load_ppo_models(cfg: RunConfig, device: torch.device, reward_fns: Sequence[t
     elif critic_kind == "reward" and not same_tokens:
         note = (f"model.critic=reward needs an RM that reads the policy's tokens; the RM at {rm_dir} "
                 f"({type(rm.model).__name__}) has its own tokenizer, so the critic is a value head on a copy "
-                f"of the SFT policy (model.critic=policy)")
+                f"of the SFT policy (model.critic=copy)")
         log.warning(note)
-        critic_kind = "policy"
-    if critic_kind == "reward":
+        critic_kind = "copy"
+    if critic_kind == "shared":
+        critic = SharedValueHead(policy, seed=cfg.ppo.seed)  # value head on the policy's own trunk
+    elif critic_kind == "reward":
         critic = build_critic(rm_dir)  # Huang: the critic starts as the RM
     else:
         critic = build_critic(sft_dir, reinit_head=True, seed=cfg.ppo.seed)
+    if lora and critic_kind != "shared":  # a separate critic gets its own adapter (+ trainable head)
+        critic = apply_lora(critic, cfg.model.lora, "seq_cls", base_path=rm_dir if critic_kind == "reward" else sft_dir)
     models = prepare_ppo_models(PPOModels(policy, ref_policy, critic.to(device), reward, tokenizer))
     if engine is not None:
-        models.policy, models.critic = engine.prepare(models.policy), engine.prepare(models.critic)
-        models.ref_policy = engine.frozen(models.ref_policy)
+        models.policy = engine.prepare(models.policy)
+        if critic_kind != "shared":  # the shared head lives on the policy's trunk
+            models.critic = engine.prepare(models.critic)
+        if not lora:  # the LoRA reference is a view of the policy
+            models.ref_policy = engine.frozen(models.ref_policy)
         if rm is not None:
             rm.model = engine.frozen(rm.model)
     return models, critic_kind, note
@@ -592,7 +624,8 @@ def prepare_ppo_models(models: PPOModels) -> PPOModels:
     117 tokens, CPU, 1 thread) its forward+backward was ~3% faster than ``eager``.
     """
     for model in (models.policy, models.ref_policy, models.critic, *reward_modules(models.reward)):
-        fuse_gelu(model)
+        if isinstance(model, nn.Module):  # not the LoRA reference view (it computes with the policy's modules)
+            fuse_gelu(model)
     return models
 
 
@@ -640,6 +673,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
     from rlhflab.stages.common import (
         StopRequested,
         global_batch_indices,
+        load_train_state,
         restore_optimization,
         make_accelerator,
         make_optimizer,
@@ -672,7 +706,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
     seed_everything(p.seed)
     models, critic_kind, critic_note = load_ppo_models(cfg, device, reward_fns, engine)
     prompts = load_prompts(cfg, models.tokenizer)
-    optimizer = make_optimizer(list(models.policy.parameters()) + list(models.critic.parameters()), p.optim,
+    optimizer = make_optimizer([x for x in list(models.policy.parameters()) + list(models.critic.parameters())
+                                if x.requires_grad], p.optim,
                                fused=not engine.wrapped)  # torch's fused AdamW takes no DTensors
     scheduler = make_scheduler(optimizer, "linear" if p.anneal_lr else "constant", num_updates, p.optim.warmup_ratio)
     kl_ctl = make_kl_controller(p)
@@ -681,6 +716,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
     start, elapsed_before = 0, 0.0
     latest = ckpts.latest() if resume else None
     if latest is not None:
+        check_resume_state(load_train_state(latest).get("policy", {}), models.policy, latest)
         state = engine.load_checkpoint(latest, {"policy": models.policy, "critic": models.critic}, optimizer)
         kl_ctl.load_state_dict(state["kl_controller"])
         start, elapsed_before = restore_optimization(state, optimizer, scheduler)
@@ -800,8 +836,17 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
             write_model_card(tmp, cfg, stage, card, base_model=str(sft_policy_dir(cfg)))
         return write
 
-    engine.save_final(stage_dir / "policy", models.policy, write_model(models.policy, "ppo"))
-    engine.save_final(stage_dir / "value", models.critic, write_model(models.critic, "ppo-value"))
+    outputs: dict = {}
+    if lora_active(cfg.model.lora, "ppo") or is_shared(models.critic):
+        # LoRA: <ppo>/policy_adapter, value_adapter, and the merged models in policy/ and value/; the shared
+        # critic's value/ holds only its head (it sits on ppo/policy). One process (refused otherwise).
+        if is_main:
+            outputs = save_outputs(models.policy, tok, stage_dir, "policy", cfg.model.lora, atomic_save_dir)
+            outputs.update({("value_" + k if k == "adapter_dir" else k): v for k, v in
+                            save_outputs(models.critic, tok, stage_dir, "value", cfg.model.lora, atomic_save_dir).items()})
+    else:
+        engine.save_final(stage_dir / "policy", models.policy, write_model(models.policy, "ppo"))
+        engine.save_final(stage_dir / "value", models.critic, write_model(models.critic, "ppo-value"))
     if is_main:
         wall = elapsed_before + time.time() - t_start
         history = [row for row in _read_metrics(stage_dir) if "objective/kl" in row]
@@ -818,6 +863,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
             "num_processes": accelerator.num_processes, "batch/grad_accum": sizes.grad_accum,
             "time/wall_s": round(wall, 2), "perf/episodes_per_s": round(num_updates * p.batch_size / max(wall, 1e-9), 3),
             "policy_dir": str(stage_dir / "policy"), "value_dir": str(stage_dir / "value"),
+            "lora": lora_active(cfg.model.lora, "ppo"), **outputs,
         }
         write_json(stage_dir / "metrics.json", result)
     accelerator.wait_for_everyone()

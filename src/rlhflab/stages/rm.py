@@ -39,10 +39,11 @@ from rlhflab.data.formats import load_preference_data, reference_texts
 from rlhflab.data.tldr import R_CNNDM, load_split, tokenize_sft
 from rlhflab.errors import StageError
 from rlhflab.models.card import write_model_card
+from rlhflab.models.lora import apply_lora, lora_active, save_outputs
 from rlhflab.models.policy import count_parameters, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import RewardModel, build_reward_backbone, is_decoder_rm, minilm_path
 from rlhflab.parallel import make_engine
-from rlhflab.runtime import CheckpointManager, progress, rng_state, seed_everything, write_json
+from rlhflab.runtime import CheckpointManager, atomic_save_dir, progress, rng_state, seed_everything, write_json
 from rlhflab.trackers import make_logger
 from rlhflab.stages.common import (
     StopRequested,
@@ -318,10 +319,15 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
     seed_everything(r.seed)
     rm = build_reward_model(cfg, seed=r.seed)
     n_params = count_parameters(rm.model)
+    if lora_active(cfg.model.lora, "rm"):  # adapters + the score head train (model.lora)
+        rm.model = apply_lora(rm.model, cfg.model.lora, "seq_cls", base_path=source)
 
     # 4. dtype/checkpointing/FSDP2 units (engine.prepare), optimizer, schedule, resume. ----------
+    if lora_active(cfg.model.lora, "rm") and engine.wrapped:
+        raise StageError("model.lora with several processes is not supported yet (peft adapters are not wired "
+                         "into the FSDP2 engine); run LoRA on one process")
     model = rm.model = engine.prepare(rm.model)
-    optimizer = make_optimizer(rm.model.parameters(), r.optim)
+    optimizer = make_optimizer([q for q in rm.model.parameters() if q.requires_grad], r.optim)
     scheduler = make_scheduler(optimizer, "cosine", total_steps, r.optim.warmup_ratio)
     ckpts = CheckpointManager(stage_dir / "state")
     latest = ckpts.latest() if resume else None
@@ -410,13 +416,19 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
     if is_main:
         logger.log(total_steps, metrics)
     logger.close()
-
-    def write_reward(tmp: Path, state_dict: Optional[dict]) -> None:
-        rm.save(tmp, state_dict=state_dict)
+    n_trainable = sum(q.numel() for q in rm.model.parameters() if q.requires_grad)
+    outputs: dict = {}
+    if lora_active(cfg.model.lora, "rm"):  # rm/reward (with its bias; merged) and rm/reward_adapter
         if is_main:
-            write_model_card(tmp, cfg, "rm", {**metrics, "rm/bias": rm.bias}, base_model=source)
+            outputs = save_outputs(rm.model, rm.tokenizer, stage_dir, "reward", cfg.model.lora, atomic_save_dir,
+                                   save_merged=rm.save)
+    else:
+        def write_reward(tmp: Path, state_dict: Optional[dict]) -> None:
+            rm.save(tmp, state_dict=state_dict)
+            if is_main:
+                write_model_card(tmp, cfg, "rm", {**metrics, "rm/bias": rm.bias}, base_model=source)
 
-    engine.save_final(stage_dir / "reward", rm.model, write_reward)
+        engine.save_final(stage_dir / "reward", rm.model, write_reward)
     if is_main:
         with open(stage_dir / "eval_pairs.jsonl", "w") as f:
             for row in rows:
@@ -432,7 +444,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
             "data/max_pref_response_length": cfg.pref_response_length,
             "model/parameters": n_params, "num_processes": accelerator.num_processes,
             "batch/grad_accum": sizes.grad_accum, "time/wall_s": round(elapsed_before + time.time() - t_start, 2),
-            "reward_dir": str(stage_dir / "reward"),
+            "reward_dir": str(stage_dir / "reward"), "lora": lora_active(cfg.model.lora, "rm"), **outputs,
+            "model/trainable_parameters": n_trainable,
         }
         write_json(stage_dir / "metrics.json", result)  # last: its presence marks the stage finished
     accelerator.wait_for_everyone()

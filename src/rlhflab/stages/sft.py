@@ -40,9 +40,10 @@ from rlhflab.data.tldr import SFTExample
 from rlhflab.errors import StageError
 from rlhflab.models.card import write_model_card
 from rlhflab.models.generation import generate_texts
+from rlhflab.models.lora import apply_lora, lora_active, save_outputs
 from rlhflab.models.policy import build_policy, count_parameters
 from rlhflab.parallel import make_engine
-from rlhflab.runtime import CheckpointManager, progress, rng_state, seed_everything, write_json
+from rlhflab.runtime import CheckpointManager, atomic_save_dir, progress, rng_state, seed_everything, write_json
 from rlhflab.trackers import make_logger
 from rlhflab.stages.common import (
     StopRequested,
@@ -207,8 +208,19 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
     seed_everything(s.seed)
     model = build_policy(tokenizer, cfg.model.policy, cfg.model.arch, seed=s.seed)
     n_params = count_parameters(model)
+    lora = lora_active(cfg.model.lora, "sft")
+    if lora:  # only the adapters train (model.lora)
+        if engine.wrapped:
+            raise StageError("model.lora with several processes is not supported yet (peft adapters are not wired "
+                             "into the FSDP2 engine); run LoRA on one process")
+        base_path = cfg.model.policy
+        if base_path is None:  # a from-scratch base exists nowhere else: keep it, so sft/policy_adapter stays usable
+            base_path = stage_dir / "base"
+            if is_main and not (base_path / "config.json").is_file():
+                atomic_save_dir(base_path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        model = apply_lora(model, cfg.model.lora, "causal", base_path=base_path)
     model = engine.prepare(model)
-    optimizer = make_optimizer(model.parameters(), s.optim)
+    optimizer = make_optimizer([q for q in model.parameters() if q.requires_grad], s.optim)
     # Not passed through accelerator.prepare: its scheduler wrapper steps once per process.
     scheduler = make_scheduler(optimizer, "cosine", total_steps, s.optim.warmup_ratio)
 
@@ -300,12 +312,19 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
         logger.log(total_steps, metrics)
     logger.close()
 
-    def write_policy(tmp, state_dict):
-        model.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
-        write_model_card(tmp, cfg, "sft", metrics, base_model=cfg.model.policy)
+    outputs: dict = {}
+    if lora:  # sft/policy (merged when LoRA trained, model.lora.merge_on_save) and sft/policy_adapter
+        if is_main:
+            outputs = save_outputs(model, tokenizer, stage_dir, "policy", cfg.model.lora, atomic_save_dir)
+            if (stage_dir / "policy").is_dir():
+                write_model_card(stage_dir / "policy", cfg, "sft", metrics, base_model=cfg.model.policy)
+    else:
+        def write_policy(tmp, state_dict):
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            write_model_card(tmp, cfg, "sft", metrics, base_model=cfg.model.policy)
 
-    engine.save_final(stage_dir / "policy", model, write_policy)
+        engine.save_final(stage_dir / "policy", model, write_policy)
     if is_main:
         with open(stage_dir / "eval_samples.jsonl", "w") as f:
             for row in samples:
@@ -317,7 +336,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
             "data/skip_reasons": {"train": dict(train_skips.counts), "validation": dict(val_skips.counts)},
             "model/parameters": n_params, "num_processes": accelerator.num_processes,
             "batch/grad_accum": sizes.grad_accum, "time/wall_s": round(elapsed_before + time.time() - t_start, 2),
-            "policy_dir": str(stage_dir / "policy"),
+            "policy_dir": str(stage_dir / "policy"), "lora": lora_active(cfg.model.lora, "sft"), **outputs,
+            "model/trainable_parameters": sum(q.numel() for q in model.parameters() if q.requires_grad),
         }
         write_json(stage_dir / "metrics.json", result)  # last: its presence marks the stage finished
     accelerator.wait_for_everyone()
