@@ -222,3 +222,34 @@ def test_old_pickled_checkpoint_is_refused_with_its_path(tmp_path):
     torch.save({"step": 1, "numpy": np.random.get_state()}, tmp_path / "state.pt")  # needs weights_only=False
     with pytest.raises(StageError, match="cannot read checkpoint .*state.pt"):
         load_state_file(tmp_path)
+
+
+def test_engine_optimizer_loops_per_parameter_when_sharded_and_the_update_is_the_same():
+    """Sharded models get AdamW's per-parameter loop (no foreach temporaries over every shard);
+    unsharded PPO keeps the fused kernel. All three give the plain AdamW update up to rounding."""
+    import dataclasses
+
+    from rlhflab.config import OptimConfig
+
+    engine = _engine()
+    cfg = OptimConfig(lr=1e-2, eps=1e-5)
+    assert engine.optimizer([torch.nn.Parameter(torch.zeros(3))], cfg, fused=True).defaults["fused"]
+    sharded = dataclasses.replace(engine, mesh=object())  # only `wrapped` is read
+    assert sharded.wrapped
+    looped = sharded.optimizer([torch.nn.Parameter(torch.zeros(3))], cfg, fused=True)
+    assert looped.defaults["foreach"] is False and not looped.defaults.get("fused")
+
+    g = torch.Generator().manual_seed(0)
+    init, grads = torch.randn(5, 7, generator=g), [torch.randn(5, 7, generator=g) for _ in range(3)]
+    finals = []
+    for make in (lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-5, weight_decay=cfg.weight_decay),
+                 lambda ps: sharded.optimizer(ps, cfg), lambda ps: engine.optimizer(ps, cfg, fused=True)):
+        w = torch.nn.Parameter(init.clone())
+        opt = make([w])
+        for gr in grads:
+            w.grad = gr.clone()
+            opt.step()
+        finals.append(w.detach())
+    assert not torch.equal(finals[0], init)
+    torch.testing.assert_close(finals[1], finals[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(finals[2], finals[0], rtol=0, atol=1e-6)

@@ -131,7 +131,8 @@ def make_accelerator(bf16: bool = False):
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if bf16 else "no")
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
+def make_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimConfig, fused: bool = False,
+                   foreach: Optional[bool] = None) -> torch.optim.AdamW:
     """AdamW with ``optim.eps`` (Huang et al. detail: eps=1e-5 rather than PyTorch's 1e-8).
 
     ``fused=True`` (the PPO stage) uses PyTorch's fused implementation (one kernel over all
@@ -141,10 +142,14 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimConfig, fus
     parameters of the PPO benchmark, one thread), ~1-2% of a PPO update there. SFT and RM keep
     the default implementation: on the default config their stage times did not change with it
     (131 / 205 s against 127 / 204 s without it), only the rounding of the trained weights did.
+    ``foreach=False``: the per-parameter loop (``rlhflab.parallel.Engine.optimizer`` uses it for
+    sharded models, whose foreach step's temporaries would hold a copy of every parameter shard).
     """
     params = list(params)
     kwargs = dict(lr=optim.lr, eps=optim.eps, weight_decay=optim.weight_decay)
-    if fused and params:
+    if foreach is not None:
+        kwargs["foreach"] = foreach
+    if fused and params and not foreach:
         try:
             return torch.optim.AdamW(params, fused=True, **kwargs)
         except (RuntimeError, ValueError):  # a device/dtype this torch build does not fuse

@@ -676,7 +676,6 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
         load_train_state,
         restore_optimization,
         make_accelerator,
-        make_optimizer,
         make_scheduler,
         prepare_stage_dir,
         stage_dirs,
@@ -706,9 +705,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, reward_fns: 
     seed_everything(p.seed)
     models, critic_kind, critic_note = load_ppo_models(cfg, device, reward_fns, engine)
     prompts = load_prompts(cfg, models.tokenizer)
-    optimizer = make_optimizer([x for x in list(models.policy.parameters()) + list(models.critic.parameters())
-                                if x.requires_grad], p.optim,
-                               fused=not engine.wrapped)  # torch's fused AdamW takes no DTensors
+    optimizer = engine.optimizer([x for x in list(models.policy.parameters()) + list(models.critic.parameters())
+                                  if x.requires_grad], p.optim, fused=True)
     scheduler = make_scheduler(optimizer, "linear" if p.anneal_lr else "constant", num_updates, p.optim.warmup_ratio)
     kl_ctl = make_kl_controller(p)
 

@@ -53,7 +53,6 @@ from rlhflab.stages.common import (
     load_train_state,
     restore_optimization,
     make_accelerator,
-    make_optimizer,
     make_scheduler,
     micro_batches,
     num_steps,
@@ -327,7 +326,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
         raise StageError("model.lora with several processes is not supported yet (peft adapters are not wired "
                          "into the FSDP2 engine); run LoRA on one process")
     model = rm.model = engine.prepare(rm.model)
-    optimizer = make_optimizer([q for q in rm.model.parameters() if q.requires_grad], r.optim)
+    optimizer = engine.optimizer([q for q in rm.model.parameters() if q.requires_grad], r.optim)
     scheduler = make_scheduler(optimizer, "cosine", total_steps, r.optim.warmup_ratio)
     ckpts = CheckpointManager(stage_dir / "state")
     latest = ckpts.latest() if resume else None

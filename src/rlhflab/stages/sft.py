@@ -53,7 +53,6 @@ from rlhflab.stages.common import (
     load_train_state,
     restore_optimization,
     make_accelerator,
-    make_optimizer,
     make_scheduler,
     micro_batches,
     num_steps,
@@ -220,7 +219,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
                 atomic_save_dir(base_path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
         model = apply_lora(model, cfg.model.lora, "causal", base_path=base_path)
     model = engine.prepare(model)
-    optimizer = make_optimizer([q for q in model.parameters() if q.requires_grad], s.optim)
+    optimizer = engine.optimizer([q for q in model.parameters() if q.requires_grad], s.optim)
     # Not passed through accelerator.prepare: its scheduler wrapper steps once per process.
     scheduler = make_scheduler(optimizer, "cosine", total_steps, s.optim.warmup_ratio)
 
