@@ -216,7 +216,17 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if self.is_main else None
+        if not self.is_main:
+            return None
+        # Tied parameters (e.g. a tied LM head) come back as separate gathered copies; point every
+        # name of one parameter at one tensor again, so save_pretrained sees the tie and writes the
+        # same keys as an unsharded save.
+        first: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if name in sd and id(param) in first and first[id(param)] in sd:
+                sd[name] = sd[first[id(param)]]
+            first.setdefault(id(param), name)
+        return sd
 
     def save_final(self, final_dir: Path, model: nn.Module, write: Callable[[Path, Optional[dict]], None]) -> None:
         """Write an HF folder once: all processes gather, the main process calls
