@@ -76,6 +76,11 @@ def launcher_mixed_precision(pc: ParallelConfig) -> None:
                      f"--mixed_precision {pc.mixed_precision})")
 
 
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter ``optimizer`` steps, in order: what gradient clipping must cover."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def uses_collectives(module: nn.Module) -> bool:
     """Whether ``module``'s forward communicates with the other processes (it holds an FSDP2 unit):
     then every process must run the same number of forwards, in the same order."""
@@ -196,6 +201,8 @@ class Engine:
         return _GradientSync(model, sync) if self.wrapped else nullcontext()
 
     def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        # Pass the optimizer's parameters (``optimizer_params``): a wrapped module lists the
+        # unsharded tensors of a root unit left gathered by a no-grad forward, whose .grad stays None.
         """Clip the global gradient norm (FSDP2's DTensor gradients: the norm over all shards); returns it."""
         params = [p for p in params if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

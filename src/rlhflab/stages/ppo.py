@@ -94,7 +94,7 @@ from rlhflab.models.lora import AdapterDisabledReference, apply_lora, check_resu
 from rlhflab.models.policy import fuse_gelu, load_policy, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import build_critic, is_decoder_rm, token_scores
 from rlhflab.monitor import KLMonitor, verdict_code
-from rlhflab.parallel import Engine, all_processes, make_engine, uses_collectives
+from rlhflab.parallel import Engine, all_processes, make_engine, optimizer_params, uses_collectives
 from rlhflab.rewards import reward_modules, score as score_rewards
 from rlhflab.runtime import (
     CheckpointManager,
@@ -421,7 +421,12 @@ def ppo_train(models: PPOModels, optimizer: torch.optim.Optimizer, batch: PPOBat
     mini = B // p.num_mini_batches
     mb, accum = sizes.micro_batch, sizes.grad_accum
     rank = accelerator.process_index
-    params = [x for x in list(models.policy.parameters()) + list(models.critic.parameters()) if x.requires_grad]
+    # The optimizer's parameters, not ``model.parameters()``: after the rollout's no-grad forwards an
+    # FSDP2 root unit (embeddings, final norm, heads) stays unsharded and the module then lists its
+    # unsharded tensors, whose .grad stays None -- the gradients land on the sharded parameters the
+    # optimizer holds. Clipping over the module's list left those out of the norm and the scaling
+    # (tests/test_ppo_multiprocess.py).
+    params = optimizer_params(optimizer)
     # Wrapped models sync gradients themselves and their forwards need every process.
     collective = uses_collectives(models.policy)
     if accelerator.num_processes > 1 and not (collective and uses_collectives(models.critic)):

@@ -42,7 +42,7 @@ from rlhflab.models.card import write_model_card
 from rlhflab.models.lora import apply_lora, lora_active, save_outputs
 from rlhflab.models.policy import count_parameters, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import RewardModel, build_reward_backbone, is_decoder_rm, minilm_path
-from rlhflab.parallel import make_engine
+from rlhflab.parallel import make_engine, optimizer_params
 from rlhflab.runtime import CheckpointManager, atomic_save_dir, progress, rng_state, seed_everything, write_json
 from rlhflab.trackers import make_logger
 from rlhflab.stages.common import (
@@ -372,7 +372,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
             margin_sum += (r_c - r_r).detach().sum().double()
         grad_norm = None
         if r.optim.max_grad_norm > 0:
-            grad_norm = engine.clip_grad_norm_(model.parameters(), r.optim.max_grad_norm)
+            grad_norm = engine.clip_grad_norm_(optimizer_params(optimizer), r.optim.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

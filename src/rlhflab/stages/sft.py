@@ -42,7 +42,7 @@ from rlhflab.models.card import write_model_card
 from rlhflab.models.generation import generate_texts
 from rlhflab.models.lora import apply_lora, lora_active, save_outputs
 from rlhflab.models.policy import build_policy, count_parameters
-from rlhflab.parallel import make_engine
+from rlhflab.parallel import make_engine, optimizer_params
 from rlhflab.runtime import CheckpointManager, atomic_save_dir, progress, rng_state, seed_everything, write_json
 from rlhflab.trackers import make_logger
 from rlhflab.stages.common import (
@@ -264,7 +264,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False) -> dict:
             loss_sum += loss.detach()
         grad_norm = None
         if s.optim.max_grad_norm > 0:
-            grad_norm = engine.clip_grad_norm_(model.parameters(), s.optim.max_grad_norm)
+            grad_norm = engine.clip_grad_norm_(optimizer_params(optimizer), s.optim.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
