@@ -14,7 +14,8 @@
 5. the loop: loss = -logsigmoid(r_chosen - r_rejected), averaged over the *global* batch;
    each pair's query runs once and chosen and rejected continue from its KV cache
    (``pair_scores``); each process takes its share of a seeded
-   permutation, as in SFT;
+   permutation, as in SFT; with ``rm.length_covariate`` the loss adds w*(words_c - words_r),
+   one learned scalar that absorbs the labelers' length preference (models/length_covariate.py);
 6. the reward bias: the mean raw score of SFT reference summaries on train posts, stored
    with the model so that ``raw - bias`` centres near 0 (Huang detail: reward normalisation);
 7. validation: accuracy overall and by |length difference|, margin, and on tldr-synth the
@@ -39,6 +40,7 @@ from rlhflab.data.formats import load_preference_data, reference_texts
 from rlhflab.data.tldr import R_CNNDM, load_split, tokenize_sft
 from rlhflab.errors import StageError
 from rlhflab.models.card import write_model_card
+from rlhflab.models.length_covariate import CONFIG_KEY as LENGTH_KEY, LengthCovariate, word_count_diff
 from rlhflab.models.lora import apply_lora, lora_active, save_outputs
 from rlhflab.models.policy import count_parameters, load_tokenizer, position_ids_from_mask
 from rlhflab.models.reward import RewardModel, build_reward_backbone, is_decoder_rm, minilm_path
@@ -69,9 +71,13 @@ from rlhflab.stages.common import (
 LENGTH_BUCKETS = ((0, 2), (3, 5), (6, 10), (11, None))  # |words(chosen) - words(rejected)|
 
 
-def bt_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
-    """Per-pair Bradley-Terry loss -log sigmoid(r_chosen - r_rejected): [B], [B] -> [B]."""
-    return -F.logsigmoid(chosen_scores - rejected_scores)
+def bt_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
+            offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-pair Bradley-Terry loss -log sigmoid(r_chosen - r_rejected [+ offset]): [B], [B] -> [B].
+
+    ``offset``: the length term w*(words_c - words_r) of ``rm.length_covariate`` (models/length_covariate.py)."""
+    margin = chosen_scores - rejected_scores
+    return -F.logsigmoid(margin if offset is None else margin + offset)
 
 
 def backbone_source(cfg: RunConfig) -> str:
@@ -179,7 +185,8 @@ def _lstsq_no_intercept(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor) -> 
     return float(sol[0]), float(sol[1])
 
 
-def evaluate_rm(rm: RewardModel, pairs: Sequence, cfg: RunConfig, batch_size: int = 64) -> tuple[dict, list[dict]]:
+def evaluate_rm(rm: RewardModel, pairs: Sequence, cfg: RunConfig, batch_size: int = 64,
+                length_w: Optional[float] = None) -> tuple[dict, list[dict]]:
     """Validation metrics of a reward model on preference examples (``PrefExample``s).
 
     Returns (metrics, rows). Metrics: ``eval/accuracy``, ``eval/loss``, ``eval/margin``
@@ -194,6 +201,11 @@ def evaluate_rm(rm: RewardModel, pairs: Sequence, cfg: RunConfig, batch_size: in
     beside the labelers' own (1/tau, beta_len), and among near-equal-gold pairs
     (|G(a)-G(b)| < tldr_synth.NEAR_TIE_EPS, lengths differing) the fraction where the RM prefers the longer
     (``eval/prefers_longer_near_tie``) beside the labels' fraction (``data/labels_prefer_longer_near_tie``).
+
+    Every ``eval/`` metric above is of the reward ``r`` that PPO reads. ``length_w`` (the learned length
+    term of ``rm.length_covariate``) adds ``eval/length_term/...``: accuracy, loss and (tldr-synth)
+    normalised accuracies of the whole preference model r_c - r_r + w*(words_c - words_r), the
+    model the labels were fit with, and ``rm/length_covariate_w`` = w.
     """
     queries = [p.query for p in pairs]
     chosen = [p.chosen for p in pairs]
@@ -208,6 +220,12 @@ def evaluate_rm(rm: RewardModel, pairs: Sequence, cfg: RunConfig, batch_size: in
     len_diff = torch.tensor([_words(c) - _words(r) for c, r in zip(chosen, rejected)], dtype=torch.float64)
     m: dict = {"eval/accuracy": correct.mean().item(), "eval/loss": bt_loss(r_c, r_r).mean().item(),
                "eval/margin": margin.mean().item(), "eval/pairs": len(pairs)}
+    full_margin = None
+    if length_w is not None:
+        full_margin = margin + length_w * word_count_diff(chosen, rejected).double()
+        m.update({"rm/length_covariate_w": float(length_w),
+                  "eval/length_term/accuracy": (full_margin > 0).double().mean().item(),
+                  "eval/length_term/loss": bt_loss(full_margin, torch.zeros_like(full_margin)).mean().item()})
     for lo, hi in LENGTH_BUCKETS:
         name = f"{lo}-{hi}" if hi is not None else f">{lo - 1}"
         sel = (len_diff.abs() >= lo) & ((len_diff.abs() <= hi) if hi is not None else True)
@@ -233,6 +251,9 @@ def evaluate_rm(rm: RewardModel, pairs: Sequence, cfg: RunConfig, batch_size: in
         m["data/bayes_accuracy"] = float(bayes)
         if float(bayes) > 0.5:
             m["eval/normalized_accuracy"] = (m["eval/accuracy"] - 0.5) / (float(bayes) - 0.5)
+            if full_margin is not None:
+                m["eval/length_term/normalized_accuracy"] = ((m["eval/length_term/accuracy"] - 0.5)
+                                                             / (float(bayes) - 0.5))
     # The same accuracy without the labelers' coin flips: each pair counts the probability that the
     # simulated labelers agree with the RM's pick (data/tldr_synth.labeler_prob), so its ceiling on
     # these very pairs is the Bayes accuracy mean(max(p, 1-p)). Sampled-label accuracy on N pairs
@@ -246,6 +267,9 @@ def evaluate_rm(rm: RewardModel, pairs: Sequence, cfg: RunConfig, batch_size: in
     m["eval/expected_accuracy"], m["data/bayes_accuracy_eval_pairs"] = expected, bayes_here
     if bayes_here > 0.5:
         m["eval/expected_normalized_accuracy"] = (expected - 0.5) / (bayes_here - 0.5)
+        if full_margin is not None:
+            expected_full = torch.where(full_margin > 0, p_chosen, 1 - p_chosen).mean().item()
+            m["eval/length_term/expected_normalized_accuracy"] = (expected_full - 0.5) / (bayes_here - 0.5)
     gold_coef, length_coef = _lstsq_no_intercept(gold_diff, len_diff, margin)
     m.update({"eval/gold_coef": gold_coef, "eval/length_coef": length_coef,
               "data/labeler_gold_coef": 1.0 / tau, "data/labeler_length_coef": beta})
@@ -328,13 +352,21 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
     model = rm.model = engine.prepare(rm.model)
     optimizer = engine.optimizer([q for q in rm.model.parameters() if q.requires_grad], r.optim)
     scheduler = make_scheduler(optimizer, "cosine", total_steps, r.optim.warmup_ratio)
+    length_term = (LengthCovariate(r.optim, total_steps, r.optim.warmup_ratio, accelerator.device)
+                   if r.length_covariate else None)
     ckpts = CheckpointManager(stage_dir / "state")
+
+    def length_w() -> Optional[float]:
+        return None if length_term is None else length_term.value
+
     latest = ckpts.latest() if resume else None
     start_step, elapsed_before = 0, 0.0
     if latest is not None:
         check_resume_config(load_train_state(latest).get("config"), cfg, "rm", latest)
         state = engine.load_checkpoint(latest, {"model": rm.model}, optimizer)
         start_step, elapsed_before = restore_optimization(state, optimizer, scheduler)
+        if length_term is not None:
+            length_term.load_state_dict(state["length_covariate"])
         del state
     # The KV-cached prefix pass of pair_scores is lost under gradient checkpointing (transformers drops
     # the cache in training mode), and FSDP2 cannot replay it in the backward (the gradient reaches the
@@ -364,7 +396,9 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
                 with engine.autocast():
                     r_c, r_r = score_pairs(model, rm, [p.query for p in chunk], [p.chosen for p in chunk],
                                            [p.rejected for p in chunk], device)
-                    loss = bt_loss(r_c.float(), r_r.float()).sum()
+                    offset = None if length_term is None else length_term.offset(
+                        [p.chosen for p in chunk], [p.rejected for p in chunk])
+                    loss = bt_loss(r_c.float(), r_r.float(), offset).sum()
                 # Mean over the GLOBAL batch; the average over processes is undone by x num_processes.
                 accelerator.backward(loss * (accelerator.num_processes / r.batch_size))
             loss_sum += loss.detach().double()
@@ -377,6 +411,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if length_term is not None:  # w: its own AdamW, outside the model's clipping (one scalar)
+            length_term.step(accelerator.num_processes)
 
         totals = accelerator.reduce(torch.stack([loss_sum, correct, margin_sum]), "sum") / r.batch_size
         last = {"train/loss": totals[0].item(), "train/accuracy": totals[1].item(), "train/margin": totals[2].item(),
@@ -384,6 +420,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
                 "perf/pairs_per_s": r.batch_size / max(time.time() - t0, 1e-9)}
         if grad_norm is not None:
             last["train/grad_norm"] = float(grad_norm)
+        if length_term is not None:
+            last["train/length_covariate_w"] = length_term.value
         if step % r.log_every == 0 or step == total_steps:
             logger.log(step, last)
         bar.update(1)
@@ -391,7 +429,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
 
         if r.eval_every and step % r.eval_every == 0 and step < total_steps:
             if is_main or engine.wrapped:  # a wrapped model's forward needs every process
-                logger.log(step, evaluate_rm(rm, val, cfg, batch_size=2 * r.micro_batch_size)[0])
+                logger.log(step, evaluate_rm(rm, val, cfg, batch_size=2 * r.micro_batch_size, length_w=length_w())[0])
             accelerator.wait_for_everyone()
 
         stopping = stop_at is not None and step >= stop_at
@@ -399,7 +437,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
             engine.save_checkpoint(ckpts, step, {"model": rm.model}, optimizer,
                                    {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
                                     "elapsed_s": elapsed_before + time.time() - t_start,
-                                    "config": training_config(cfg, "rm")})
+                                    "config": training_config(cfg, "rm"),
+                                    **({} if length_term is None else {"length_covariate": length_term.state_dict()})})
         if stopping and step < total_steps:
             bar.close()
             logger.close()
@@ -411,7 +450,9 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
     result: dict = {}
     if is_main or engine.wrapped:
         rm.bias = reference_bias(rm, cfg, policy_tok, n=bias_samples, batch_size=2 * r.micro_batch_size)
-        metrics, rows = evaluate_rm(rm, val, cfg, batch_size=2 * r.micro_batch_size)
+        metrics, rows = evaluate_rm(rm, val, cfg, batch_size=2 * r.micro_batch_size, length_w=length_w())
+    if length_term is not None:  # recorded with the model for the reader; scoring never uses it
+        rm.model.config.update({LENGTH_KEY: length_term.value})
     if is_main:
         logger.log(total_steps, metrics)
     logger.close()
