@@ -66,3 +66,22 @@ def test_every_field_is_documented():
     rows = describe()
     assert len(rows) > 60
     assert all(doc for _, _, _, doc in rows), [k for k, _, _, d in rows if not d]
+
+
+def test_overoptimize_is_default_but_for_its_documented_keys():
+    """overoptimize.yaml reuses the default run's data, SFT and RM: only name and the PPO step differ."""
+    def flat(tree, prefix=""):
+        out = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(load_config("default").model_dump()), flat(load_config("overoptimize").model_dump())
+    differ = {k for k in a if a[k] != b[k]}
+    assert differ == {"name", "ppo.total_episodes", "ppo.optim.lr", "ppo.kl_coef", "ppo.kl_monitor.catastrophic"}
+
+
+def test_default_uses_the_length_debiased_rm_and_paper_configs_do_not():
+    assert load_config("default").rm.length_covariate is True
+    for name in ("tldr-pythia-1b", "tldr-pythia-1b-1gpu", "tldr-llama-3.2-1b-1gpu", "smoke"):
+        assert load_config(name).rm.length_covariate is False, name
