@@ -176,3 +176,13 @@ def test_rm_resume_restores_w_and_its_optimizer(covariate_rm_run, tmp_path, monk
     b = json.loads((cfg.run_dir / "rm" / "metrics.json").read_text())
     assert a["rm/length_covariate_w"] == b["rm/length_covariate_w"]
     assert a["eval/accuracy"] == b["eval/accuracy"] and a["rm/bias"] == b["rm/bias"]
+
+
+def test_report_reading_names_the_length_term():
+    from rlhflab.report.html import rm_length_reading
+
+    cls, text = rm_length_reading({"rm/length_covariate_w": 0.0215, "eval/length_coef": 0.004,
+                                   "data/labeler_length_coef": 0.03})
+    assert "took up 0.021 per word" in text and "rises by 0.004 per extra word" in text
+    cls, text = rm_length_reading({"eval/length_coef": 0.028, "data/labeler_length_coef": 0.03})
+    assert "length term" not in text and cls == "warn"

@@ -549,6 +549,10 @@ def rm_length_reading(final: dict) -> Optional[tuple[str, str]]:
     rm_len, lab_len = _num(final.get("eval/length_coef")), _num(final.get("data/labeler_length_coef"))
     near, near_lab = _num(final.get("eval/prefers_longer_near_tie")), _num(final.get("data/labels_prefer_longer_near_tie"))
     parts = []
+    w = _num(final.get("rm/length_covariate_w"))
+    if w is not None:
+        parts.append(f"The RM was fit with a length term (rm.length_covariate): it took up {w:.3f} per word of the "
+                     "labels' length preference, and the reward PPO reads leaves that term out.")
     if rm_len is not None:
         s = f"The RM's score rises by {rm_len:.3f} per extra word at equal gold quality"
         if lab_len is not None:
