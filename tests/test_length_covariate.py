@@ -186,3 +186,22 @@ def test_report_reading_names_the_length_term():
     assert "took up 0.021 per word" in text and "rises by 0.004 per extra word" in text
     cls, text = rm_length_reading({"eval/length_coef": 0.028, "data/labeler_length_coef": 0.03})
     assert "length term" not in text and cls == "warn"
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_rm_with_the_length_term_follows_one_process_and_resumes(
+        covariate_rm_run, synth_data_dir, smoke_data_overrides, tmp_path):
+    """2 processes (gloo), FSDP2, stopped after step 4 and resumed from the sharded checkpoint: w's
+    gradient is averaged over processes and its state rides in the checkpoint's meta, so the loss
+    and w follow the 1-process run step by step."""
+    from test_multiprocess import _assert_close_runs, _launch
+
+    shutil.copytree(covariate_rm_run.run_dir / "sft", tmp_path / "smoke" / "sft")
+    over = (*smoke_data_overrides, "parallel.sharding=fsdp2", "rm.length_covariate=true")
+    _launch("rm", tmp_path, synth_data_dir, over, stop_after=4)
+    assert (tmp_path / "smoke" / "rm" / "state" / "ckpt-00000004" / "shards" / ".metadata").is_file()
+    two = _launch("rm", tmp_path, synth_data_dir, over, resume=True)
+    _assert_close_runs(covariate_rm_run.run_dir / "rm", tmp_path / "smoke" / "rm",
+                       ("train/loss", "train/length_covariate_w"))
+    one = json.loads((covariate_rm_run.run_dir / "rm" / "metrics.json").read_text())
+    assert two["rm/length_covariate_w"] == pytest.approx(one["rm/length_covariate_w"], rel=1e-4, abs=1e-6)
