@@ -154,6 +154,8 @@ def test_rm_stage_learns_w_records_it_and_keeps_the_reward_r_alone(covariate_rm_
     for key in ("eval/length_term/accuracy", "eval/length_term/normalized_accuracy",
                 "eval/length_term/expected_normalized_accuracy", "eval/normalized_accuracy"):
         assert isinstance(final[key], float), key
+    acc, n, bayes = final["eval/length_term/accuracy"], final["eval/pairs"], final["data/bayes_accuracy"]
+    assert final["eval/length_term/normalized_accuracy_se"] == pytest.approx((acc * (1 - acc) / n) ** 0.5 / (bayes - 0.5))
     saved = json.loads((d / "reward" / "config.json").read_text())
     assert saved[CONFIG_KEY] == pytest.approx(w)
     # The saved reward is r: its validation accuracy is the stage's eval/accuracy, without the term.

@@ -177,6 +177,8 @@ def test_evaluate_rm_gold_metrics_on_tldr_synth(smoke_cfg, synth_data_dir):
     bayes = json.loads((synth_data_dir / "stats.json").read_text())["bayes_accuracy"]
     assert m["data/bayes_accuracy"] == bayes
     assert m["eval/normalized_accuracy"] == pytest.approx((m["eval/accuracy"] - 0.5) / (bayes - 0.5))
+    acc, n = m["eval/accuracy"], len(pairs)
+    assert m["eval/normalized_accuracy_se"] == pytest.approx(math.sqrt(acc * (1 - acc) / n) / (bayes - 0.5))
     gc = gold_scores([p.post for p in pairs], [p.chosen.strip() for p in pairs])
     gr = gold_scores([p.post for p in pairs], [p.rejected.strip() for p in pairs])
     lc = [len(p.chosen.split()) - len(p.rejected.split()) for p in pairs]

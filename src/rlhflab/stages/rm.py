@@ -194,7 +194,7 @@ def evaluate_rm(rm: RewardModel, pairs: Sequence, cfg: RunConfig, batch_size: in
     |word-length difference| bucket; on tldr-synth also ``eval/gold_agreement`` (pairs where
     sign(r_a - r_b) = sign(G(a) - G(b)), gold ties excluded), ``data/bayes_accuracy``,
     ``eval/normalized_accuracy`` = (acc - 0.5)/(bayes - 0.5) (acc against the sampled labels, as
-    the issue defines it); ``eval/expected_accuracy`` = mean over pairs of the labelers' probability of
+    the issue defines it) and its binomial standard error ``eval/normalized_accuracy_se``; ``eval/expected_accuracy`` = mean over pairs of the labelers' probability of
     agreeing with the RM's pick, and ``eval/expected_normalized_accuracy`` = (expected - 0.5)/(bayes on
     the same pairs - 0.5) -- the same quantity without label-sampling noise; the learned length bias as
     the coefficients of the regression r_a - r_b ~ gold_coef*(G(a)-G(b)) + length_coef*(len(a)-len(b))
@@ -250,10 +250,12 @@ def evaluate_rm(rm: RewardModel, pairs: Sequence, cfg: RunConfig, batch_size: in
     if bayes is not None:
         m["data/bayes_accuracy"] = float(bayes)
         if float(bayes) > 0.5:
-            m["eval/normalized_accuracy"] = (m["eval/accuracy"] - 0.5) / (float(bayes) - 0.5)
-            if full_margin is not None:
-                m["eval/length_term/normalized_accuracy"] = ((m["eval/length_term/accuracy"] - 0.5)
-                                                             / (float(bayes) - 0.5))
+            # The binomial standard error of a sampled-label accuracy, on the same normalised scale
+            # (~0.034 at 4000 pairs): two RMs closer than ~2 of these are not told apart by the labels.
+            for pre in ("eval/",) + (("eval/length_term/",) if full_margin is not None else ()):
+                acc = m[f"{pre}accuracy"]
+                m[f"{pre}normalized_accuracy"] = (acc - 0.5) / (float(bayes) - 0.5)
+                m[f"{pre}normalized_accuracy_se"] = (acc * (1 - acc) / len(pairs)) ** 0.5 / (float(bayes) - 0.5)
     # The same accuracy without the labelers' coin flips: each pair counts the probability that the
     # simulated labelers agree with the RM's pick (data/tldr_synth.labeler_prob), so its ceiling on
     # these very pairs is the Bayes accuracy mean(max(p, 1-p)). Sampled-label accuracy on N pairs
