@@ -207,3 +207,25 @@ def test_two_process_fsdp2_rm_with_the_length_term_follows_one_process_and_resum
                        ("train/loss", "train/length_covariate_w"))
     one = json.loads((covariate_rm_run.run_dir / "rm" / "metrics.json").read_text())
     assert two["rm/length_covariate_w"] == pytest.approx(one["rm/length_covariate_w"], rel=1e-4, abs=1e-6)
+
+
+def test_length_covariate_lr_sets_w_own_peak_lr_only(covariate_rm_run, tmp_path, monkeypatch):
+    """``rm.length_covariate_lr`` reaches w's AdamW; the model's optimizer keeps ``rm.optim.lr``."""
+    cfg = covariate_rm_run.model_copy(update={"out_dir": str(tmp_path)})
+    cfg = cfg.model_copy(update={"rm": cfg.rm.model_copy(update={"length_covariate_lr": 0.05})})
+    shutil.copytree(covariate_rm_run.run_dir / "sft", cfg.run_dir / "sft")
+    seen = []
+
+    class _Spy(LengthCovariate):
+        def __init__(self, optim, *a, **k):
+            super().__init__(optim, *a, **k)
+            seen.append(self)
+
+    monkeypatch.setattr(rm, "LengthCovariate", _Spy)
+    monkeypatch.setenv(common.STOP_ENV, "1")
+    with pytest.raises(common.StopRequested):
+        rm.main(cfg)
+    (lc,) = seen
+    assert lc.optimizer.param_groups[0]["initial_lr"] == 0.05 != cfg.rm.optim.lr
+    rows = [r for r in read_jsonl(cfg.run_dir / "rm" / "metrics.jsonl") if "lr" in r]
+    assert all(r["lr"] <= cfg.rm.optim.lr for r in rows)

@@ -354,7 +354,8 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
     model = rm.model = engine.prepare(rm.model)
     optimizer = engine.optimizer([q for q in rm.model.parameters() if q.requires_grad], r.optim)
     scheduler = make_scheduler(optimizer, "cosine", total_steps, r.optim.warmup_ratio)
-    length_term = (LengthCovariate(r.optim, total_steps, r.optim.warmup_ratio, accelerator.device)
+    length_optim = r.optim if r.length_covariate_lr is None else r.optim.model_copy(update={"lr": r.length_covariate_lr})
+    length_term = (LengthCovariate(length_optim, total_steps, r.optim.warmup_ratio, accelerator.device)
                    if r.length_covariate else None)
     ckpts = CheckpointManager(stage_dir / "state")
 
