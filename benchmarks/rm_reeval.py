@@ -43,7 +43,6 @@ def main() -> None:
     ap.add_argument("data_dir", help="tldr-synth data folder whose preference/validation.jsonl is scored")
     ap.add_argument("runs", nargs="+", help="run folders with config.yaml and rm/reward")
     args = ap.parse_args()
-    torch.set_grad_enabled(False)
     for run in map(Path, args.runs):
         t0 = time.time()
         own = load_config(run / "config.yaml")  # the run's own data folder: its tokenizer cuts the queries
@@ -51,7 +50,8 @@ def main() -> None:
         rm = RewardModel.from_pretrained(run / "rm" / "reward")
         length_w = getattr(rm.model.config, LENGTH_KEY, None)
         val, skips = load_preference_data(cfg, "validation", policy_tokenizer(own))
-        metrics, _ = evaluate_rm(rm, val, cfg, batch_size=2 * cfg.rm.micro_batch_size, length_w=length_w)
+        with torch.no_grad():  # local: a caller's (or a test process's) grad mode is left alone
+            metrics, _ = evaluate_rm(rm, val, cfg, batch_size=2 * cfg.rm.micro_batch_size, length_w=length_w)
         out = {"run": str(run), "pairs": len(val), "skipped": skips.total, "secs": round(time.time() - t0, 1),
                **{k: metrics[k] for k in KEYS if k in metrics}}
         (run / "rm" / f"reeval-{len(val)}.json").write_text(json.dumps({**out, "metrics": metrics}, indent=1))

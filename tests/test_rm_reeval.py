@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhflab.config import load_config
 
@@ -17,6 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rm_reeval.py"
 def _reeval(monkeypatch, capsys, data_dir: Path, run_dir: Path) -> dict:
     monkeypatch.setattr(sys, "argv", ["rm_reeval.py", str(data_dir), str(run_dir)])
     runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert torch.is_grad_enabled()  # the script must not switch autograd off for the rest of the process
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
