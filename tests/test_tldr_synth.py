@@ -142,6 +142,26 @@ def test_same_seed_is_byte_identical_other_seed_differs(small, tmp_path):
         assert d1[f] != d3[f], f
 
 
+def test_larger_validation_split_keeps_train_data_tokenizer_and_first_pairs(small, tmp_path):
+    """A larger n_pref_validation (the default's 16000, for a sharper RM accuracy) must not change
+    anything the models are trained on: the train files and the tokenizer (trained on the train
+    splits only) stay byte-identical, and the validation split only grows at its end."""
+    root, _ = small
+    big = tmp_path / "big"
+    T.synthesize(big, SynthConfig(seed=11, **{**SMALL, "n_pref_validation": 3 * SMALL["n_pref_validation"]}), progress=False)
+    d1, d2 = _digest(root), _digest(big)
+    for f in d1:
+        if f.startswith("tokenizer/") or f.endswith("train.jsonl"):
+            assert d1[f] == d2[f], f
+    assert d1["preference/validation.jsonl"] != d2["preference/validation.jsonl"]
+    small_val, big_val = (_jsonl(r / "preference" / "validation.jsonl") for r in (root, big))
+    assert len(big_val) == 3 * len(small_val) and big_val[: len(small_val)] == small_val
+    # ... while the tokenizer does depend on the train text:
+    other = tmp_path / "more_train"
+    T.synthesize(other, SynthConfig(seed=11, **{**SMALL, "n_pref_train": 2 * SMALL["n_pref_train"]}), progress=False)
+    assert _digest(other)["tokenizer/tokenizer.json"] != d1["tokenizer/tokenizer.json"]
+
+
 def test_sft_schema(small):
     root, _ = small
     ids = set()

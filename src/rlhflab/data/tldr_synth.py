@@ -27,7 +27,8 @@ Output of :func:`synthesize` (byte-identical for the same :class:`SynthConfig`):
 ``preference/{train,validation}.jsonl`` (``info {id, post, title, subreddit}``,
 ``summaries [{text, policy}] x 2``, ``choice``, ``chosen``, ``rejected`` -- as
 ``openai/summarize_from_feedback`` "comparisons", whose texts start with a space),
-``tokenizer/`` (byte-level BPE, ``<|pad|>`` id 0, ``<|endoftext|>`` id 1) and ``stats.json``.
+``tokenizer/`` (byte-level BPE trained on the train splits only, ``<|pad|>`` id 0, ``<|endoftext|>``
+id 1) and ``stats.json``.
 """
 
 from __future__ import annotations
@@ -534,9 +535,11 @@ def synthesize(out_dir: str | Path, cfg: SynthConfig, progress: bool = True) -> 
         _write_jsonl(out / "preference" / f"{split}.jsonl", rows)
     bar.close()
 
-    # Tokenizer: trained on exactly the text the models will read (queries and " summary").
-    corpus = [format_query(p.subreddit, p.title, p.post) + " " + s for rows in sft.values() for p, s in rows]
-    corpus += [r["info"]["title"] + s["text"] for rows in pref.values() for r in rows for s in r["summaries"]]
+    # Tokenizer: trained on the text the models will read (queries and " summary") of the *train*
+    # splits only, so held-out text never shapes it and the validation/test sizes (e.g. a larger
+    # n_pref_validation for a sharper RM accuracy) leave the tokenizer -- and every model -- unchanged.
+    corpus = [format_query(p.subreddit, p.title, p.post) + " " + s for p, s in sft["train"]]
+    corpus += [r["info"]["title"] + s["text"] for r in pref["train"] for s in r["summaries"]]
     corpus += _lexicon_texts()  # the whole world's wording, so small corpora still get its merges
     tok = _train_tokenizer(corpus, cfg.vocab_size, out / "tokenizer")
 
