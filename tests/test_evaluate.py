@@ -83,7 +83,8 @@ def test_results_schema(evaluated):
     assert "log(len_a/len_b)" in results["meta"]["lc_method"] and "temperature 1" in results["meta"]["entropy_definition"]
     for d in results["policies"].values():
         assert d["n"] == N
-        for key in ("rougeL", "rm_score_mean", "gold_mean", "entropy", "no_eos_rate"):
+        for key in ("rougeL", "rm_score_mean", "gold_mean", "gold_coverage_mean", "gold_hallucination_rate",
+                    "entropy", "no_eos_rate"):
             assert isinstance(d[key], float), key
         lo, hi = d["gold_ci"]
         assert lo <= d["gold_mean"] <= hi
@@ -150,6 +151,13 @@ def test_numbers_match_independent_recomputation(evaluated):
     no_eos = np.mean([not s["policies"]["ppo"]["has_eos"] for s in samples])
     assert results["policies"]["ppo"]["no_eos_rate"] == pytest.approx(no_eos)
     assert results["signals"]["ppo"]["hack/no_eos_rate"] == pytest.approx(no_eos)
+    # What the gold score is made of, per policy: coverage and the share of summaries inventing a fact
+    for nm in ("sft", "ppo"):
+        parts = score_many(posts, [s["policies"][nm]["summary"] for s in samples])
+        d = results["policies"][nm]
+        assert d["gold_coverage_mean"] == pytest.approx(np.mean([g.coverage for g in parts]))
+        assert d["gold_hallucination_rate"] == pytest.approx(np.mean([g.hallucinated > 0 for g in parts]))
+        assert 0.0 <= d["gold_hallucination_rate"] <= 1.0
 
 
 def test_response_entropy_matches_unpadded_forward(built):

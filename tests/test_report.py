@@ -38,6 +38,8 @@ def write_rm(run: Path):
                                         "data/bayes_accuracy": 0.8012, "eval/length_coef": 0.0456,
                                         "data/labeler_length_coef": 0.03, "eval/prefers_longer_near_tie": 0.71,
                                         "data/labels_prefer_longer_near_tie": 0.64,
+                                        "eval/faithful/pairs": 27, "eval/faithful/rm_prefers_faithful": 0.2125,
+                                        "eval/faithful/labels_prefer_faithful": 0.5725,
                                         "eval/accuracy_lendiff_0-2": 0.6, "eval/accuracy_lendiff_0-2_n": 10,
                                         "eval/accuracy_lendiff_3-5": 0.7, "eval/accuracy_lendiff_3-5_n": 12,
                                         "eval/accuracy_lendiff_>10": None, "eval/accuracy_lendiff_>10_n": 0})
@@ -65,7 +67,8 @@ def write_eval(run: Path):
         "meta": {"n_prompts": 4, "split": "validation", "temperature": 0.01, "judges": ["gold", "rm"], "bootstrap": 200,
                  "lc_method": "logistic regression on log length ratio", "title_copy_threshold": 0.7,
                  "entropy_definition": "mean token entropy at temperature 1"},
-        "policies": {"sft": pol(0.4321, 0.05), "ppo": pol(0.3789, 1.2345)},
+        "policies": {"sft": {**pol(0.4321, 0.05), "gold_hallucination_rate": 0.125, "gold_coverage_mean": 0.7},
+                     "ppo": {**pol(0.3789, 1.2345), "gold_hallucination_rate": 0.4375, "gold_coverage_mean": 0.9125}},
         "reference": {"gold_mean": 0.45, "gold_ci": [0.4, 0.5], "rm_score_mean": 0.0, "rm_histogram": hist,
                       "length_words": {"mean": 12.0}},
         "comparisons": [{"a": "ppo", "b": "sft", "judge": "gold", "win_rate": 0.375, "ci": [0.25, 0.5], "lc_win_rate": 0.4,
@@ -124,6 +127,10 @@ def test_full_report_has_every_section_and_numbers(full_run):
     # RM length bias reading from rm/metrics.json
     assert "rises by 0.046 per extra word" in text and "length bias is 0.030 per word" in text
     assert "prefers the longer one 71.0% of the time (labels: 64.0%)" in text
+    # RM faithfulness reading, and the evaluation's invented-fact rates (SFT 12.5%, PPO 43.8%)
+    assert "On the 27 validation pairs where one summary states a fact or number the post does not" in text
+    assert "the faithful one 21.2% of the time (labels: 57.2%)" in text and "It does not check content" in text
+    assert "invented fact or number (gold judge) 43.8% vs 12.5% for SFT" in text
 
 
 def test_report_images_are_embedded_pngs_and_nothing_external(full_run):

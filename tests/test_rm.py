@@ -162,6 +162,57 @@ def test_evaluate_rm_accuracy_and_length_buckets(smoke_cfg):
     assert "eval/gold_agreement" not in m  # real TL;DR data has no gold judge
 
 
+def _gs(total, facts=()):
+    """A GoldScore stand-in: only the fields faithfulness_metrics reads."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(total=total, hallucinated=len(facts), hallucinated_facts=tuple(facts))
+
+
+def test_faithfulness_metrics_by_hand():
+    """Pairs where exactly one summary invents a fact: RM, labels and gold preference for the faithful one."""
+    margin = torch.tensor([1.0, -1.0, 2.0, 0.5, -0.5, 3.0])
+    chosen = [_gs(0.9), _gs(0.6, ["ask:quit"]), _gs(0.7), _gs(0.8, ["secondary:student"]), _gs(0.5), _gs(0.6, ["42"])]
+    rejected = [_gs(0.6, ["ask:hr"]), _gs(0.8), _gs(0.7), _gs(0.6), _gs(0.5, ["ask:quit", "7"]), _gs(0.6, ["3"])]
+    m = rm.faithfulness_metrics(margin, chosen, rejected)
+    # Pairs 0, 1, 3, 4 have exactly one inventing summary (2: neither, 5: both). The faithful one is
+    # the chosen in 0 and 4. The RM (margin > 0 picks the chosen) picks the faithful one in 0 and 1.
+    assert m["eval/faithful/pairs"] == 4
+    assert m["eval/faithful/rm_prefers_faithful"] == pytest.approx(2 / 4)
+    assert m["eval/faithful/labels_prefer_faithful"] == pytest.approx(2 / 4)
+    # gold: 0 faithful higher (1), 1 faithful higher (1), 3 faithful lower (0), 4 tie (0.5)
+    assert m["eval/faithful/gold_prefers_faithful"] == pytest.approx(2.5 / 4)
+    # asks only: pairs 0, 1, 4
+    assert m["eval/faithful/ask/pairs"] == 3
+    assert m["eval/faithful/ask/rm_prefers_faithful"] == pytest.approx(2 / 3)
+    assert m["eval/faithful/ask/labels_prefer_faithful"] == pytest.approx(2 / 3)
+    assert m["eval/faithful/ask/gold_prefers_faithful"] == pytest.approx(2.5 / 3)
+    none = rm.faithfulness_metrics(torch.tensor([1.0]), [_gs(0.9)], [_gs(0.8)])
+    assert none["eval/faithful/pairs"] == 0 and none["eval/faithful/rm_prefers_faithful"] is None
+
+
+def test_faithfulness_metrics_see_the_generators_invented_facts():
+    """The gold judge flags every kind of invention the 'halluc' writer makes, and never the oracle's."""
+    import random
+
+    from rlhflab.data import tldr_synth as T
+    from rlhflab.judges.gold import score_many
+
+    rng = random.Random(5)
+    ids = T._Ids()
+    posts = [ids.new_post(rng) for _ in range(40)]
+    halluc = [T.halluc_summary(p, rng) for p in posts]
+    oracle = [T.oracle_summary(p, rng) for p in posts]
+    text = [p.post for p in posts]
+    s_h, s_o = score_many(text, halluc), score_many(text, oracle)
+    assert all(s.hallucinated > 0 for s in s_h) and all(s.hallucinated == 0 for s in s_o)
+    # an RM that always prefers the oracle (chosen) is faithful on every pair; one preferring length is not
+    m = rm.faithfulness_metrics(torch.ones(len(posts)), s_o, s_h)
+    assert m["eval/faithful/pairs"] == 40 and m["eval/faithful/rm_prefers_faithful"] == 1.0
+    assert m["eval/faithful/gold_prefers_faithful"] == 1.0
+    assert 0 < m["eval/faithful/ask/pairs"] < 40  # only some inventions are asks
+
+
 def test_evaluate_rm_gold_metrics_on_tldr_synth(smoke_cfg, synth_data_dir):
     """On tldr-synth the word-count RM's length coefficient is 1 exactly, gold agreement and the
     normalised accuracy follow their definitions."""
@@ -187,6 +238,7 @@ def test_evaluate_rm_gold_metrics_on_tldr_synth(smoke_cfg, synth_data_dir):
     assert m["eval/gold_agreement"] == pytest.approx(sum(decided) / len(decided))
     if m["eval/near_tie_pairs"]:
         assert m["eval/prefers_longer_near_tie"] == 1.0
+    assert m["eval/faithful/pairs"] >= 0 and {"eval/faithful/ask/rm_prefers_faithful", "eval/faithful/labels_prefer_faithful"} <= set(m)
     # Expected accuracy: the labelers' probability of agreeing with the RM's pick, by hand.
     from rlhflab.data.tldr_synth import labeler_prob
 

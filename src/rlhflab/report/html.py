@@ -431,6 +431,13 @@ def hacking_readings(ppo_rows: Sequence[dict], results: Optional[dict]) -> list[
                         f"On evaluation posts, longer PPO summaries get {'higher' if r > 0 else 'lower'} RM scores (r={r:.2f})"
                         + (": length bias of the RM." if r > 0.3 else ".")))
     if "ppo" in pol and "sft" in pol:
+        hp, hs = _num(pol["ppo"].get("gold_hallucination_rate")), _num(pol["sft"].get("gold_hallucination_rate"))
+        if hp is not None and hs is not None:
+            worse = hp - hs > 0.05
+            out.append(("warn" if worse else "ok",
+                        f"PPO summaries with an invented fact or number (gold judge) {pct(hp)} vs {pct(hs)} for SFT"
+                        + (": the RM pays for content it does not check against the post "
+                           "(see the RM's faithful-pair preference)." if worse else ".")))
         rp, rs = _num(pol["ppo"].get("rm_score_mean")), _num(pol["sft"].get("rm_score_mean"))
         gp, gs = _num(pol["ppo"].get("gold_mean")), _num(pol["sft"].get("gold_mean"))
         if None not in (rp, rs, gp, gs):
@@ -543,7 +550,25 @@ RM_KEYS = [
     ("data/labeler_gold_coef", "the labelers' gold coefficient 1/tau"),
     ("eval/prefers_longer_near_tie", "near-equal-gold pairs: RM prefers the longer"),
     ("data/labels_prefer_longer_near_tie", "near-equal-gold pairs: labels prefer the longer"),
+    ("eval/faithful/rm_prefers_faithful", "pairs where one summary invents a fact: RM prefers the faithful one"),
+    ("eval/faithful/labels_prefer_faithful", "the same pairs: labels prefer the faithful one"),
+    ("eval/faithful/ask/rm_prefers_faithful", "pairs where one summary invents the ask: RM prefers the faithful one"),
+    ("eval/faithful/ask/labels_prefer_faithful", "the same pairs: labels prefer the faithful one"),
 ]
+
+
+def rm_faithful_reading(final: dict) -> Optional[tuple[str, str]]:
+    """(css class, sentence): does the RM prefer faithful summaries as the labels do (tldr-synth)?"""
+    rm_f, lab_f = _num(final.get("eval/faithful/rm_prefers_faithful")), _num(final.get("eval/faithful/labels_prefer_faithful"))
+    if rm_f is None or lab_f is None:
+        return None
+    n = final.get("eval/faithful/pairs")
+    s = (f"On the {esc(n)} validation pairs where one summary states a fact or number the post does not, the RM prefers "
+         f"the faithful one {pct(rm_f)} of the time (labels: {pct(lab_f)}).")
+    blind = rm_f < lab_f - 0.1
+    return ("warn" if blind else "ok"), s + (
+        " It does not check content against the post: PPO can raise its score by inventing facts (an ask, a number); "
+        "the evaluation's invented-facts column shows whether it did." if blind else "")
 
 
 def rm_length_reading(final: dict) -> Optional[tuple[str, str]]:
@@ -583,9 +608,9 @@ def section_rm(run: Path) -> str:
         key_rows = [(esc(label), f"<code>{esc(k)}</code>", fmt(final[k])) for k, label in RM_KEYS if _num(final.get(k)) is not None]
         if key_rows:
             out.append("<h3>Accuracy and length bias</h3>" + table(["quantity", "key", "value"], key_rows, num_cols=[2]))
-        reading = rm_length_reading(final)
-        if reading:
-            out.append(f"<div class='verdict {reading[0]}'>{reading[1]}</div>")
+        for reading in (rm_length_reading(final), rm_faithful_reading(final)):
+            if reading:
+                out.append(f"<div class='verdict {reading[0]}'>{reading[1]}</div>")
         out.append(_bucket_plot(final))
         out.append(f"<details><summary>All final metrics</summary>{metrics_table(final)}</details>")
     return "".join(out)
@@ -642,10 +667,12 @@ def section_eval(run: Path, results: Optional[dict]) -> str:
         rows.append((f"<b>{esc(name)}</b>" if name != "reference" else "<i>reference (noisy writer)</i>",
                      ci(d.get("gold_mean"), d.get("gold_ci")), ci(d.get("rm_score_mean"), d.get("rm_score_ci")),
                      ci(d.get("rougeL"), d.get("rougeL_ci")) if name != "reference" else "–",
-                     fmt(d.get("entropy")), fmt(lt.get("mean"), 1), fmt(lw.get("mean"), 1), pct(d.get("no_eos_rate"))))
+                     fmt(d.get("entropy")), fmt(lt.get("mean"), 1), fmt(lw.get("mean"), 1), pct(d.get("no_eos_rate")),
+                     fmt(d.get("gold_coverage_mean")), pct(d.get("gold_hallucination_rate"))))
     out.append("<h3>Policies</h3>" + table(
-        ["policy", "gold score [95% CI]", "RM score [95% CI]", "ROUGE-L", "entropy (nats)", "tokens", "words", "no EOS"],
-        rows, num_cols=[1, 2, 3, 4, 5, 6, 7]))
+        ["policy", "gold score [95% CI]", "RM score [95% CI]", "ROUGE-L", "entropy (nats)", "tokens", "words", "no EOS",
+         "key-fact coverage", "invented facts"],
+        rows, num_cols=[1, 2, 3, 4, 5, 6, 7, 8, 9]))
     if meta.get("entropy_definition"):
         out.append(f"<p class=note>Entropy: {esc(meta['entropy_definition'])}.</p>")
 

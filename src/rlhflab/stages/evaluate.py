@@ -36,7 +36,9 @@ Reads top to bottom as numbered steps:
           "gold_mean": mean | null, "gold_ci": [lo, hi] | null,
           "entropy": mean over samples of the mean token entropy (nats),
           "length_tokens": {mean, median, std, min, max}, "length_words": {...},
-          "no_eos_rate", "rm_gold_corr", "length_gold_corr"}},
+          "no_eos_rate", "rm_gold_corr", "length_gold_corr",
+          "gold_coverage_mean": mean key-fact coverage | null,
+          "gold_hallucination_rate": share of summaries with an invented fact or number | null}},
       "reference": {the same keys where defined: rm_score_mean, gold_mean, length_words, ...; rougeL = 1},
       "comparisons": [{"a", "b", "judge": "gold"|"rm"|"llm", "win_rate", "ci": [lo, hi],
                        "lc_win_rate", "lc_ci": [lo, hi], "length_slope", "wins", "losses",
@@ -179,11 +181,11 @@ def response_entropy(model, query_ids: Sequence[Sequence[int]], response_ids: Se
     return out
 
 
-def _gold_totals(posts: Sequence[str], summaries: Sequence[str]) -> list[float]:
-    """Gold judge scores (tldr-synth): ``rlhflab.judges.gold.score_many`` -> list of totals."""
+def _gold_scores(posts: Sequence[str], summaries: Sequence[str]) -> list:
+    """Gold judge scores (tldr-synth): ``rlhflab.judges.gold.score_many`` -> list of ``GoldScore``."""
     from rlhflab.judges.gold import score_many
 
-    return [float(getattr(s, "total", s)) for s in score_many(list(posts), list(summaries))]
+    return score_many(list(posts), list(summaries))
 
 
 def _compare(a: str, b: str, judge: str, outcomes: np.ndarray, len_a: Sequence[float], len_b: Sequence[float],
@@ -355,7 +357,8 @@ def main(cfg: RunConfig, policies: Optional[dict[str, str]] = None, include_defa
     rm_inputs = {"reference": [e.response for e in examples], **{nm: gen[nm]["raw"] for nm in names}}
     rm_scores = ({nm: score_rewards(rm, examples, txt, batch_size=batch_size).tolist() for nm, txt in rm_inputs.items()}
                  if rm is not None else {})
-    gold = {nm: _gold_totals(posts, txt) for nm, txt in all_texts.items()} if gold_on else {}
+    gold_parts = {nm: _gold_scores(posts, txt) for nm, txt in all_texts.items()} if gold_on else {}
+    gold = {nm: [float(g.total) for g in parts] for nm, parts in gold_parts.items()}
     n_words = {nm: [len(words(t)) for t in txt] for nm, txt in all_texts.items()}
 
     edges = None
@@ -377,8 +380,14 @@ def main(cfg: RunConfig, policies: Optional[dict[str, str]] = None, include_defa
             mean, lo, hi = bootstrap_ci(gold[nm], n_boot=ev.bootstrap, seed=ev.seed)
             d.update(gold_mean=mean, gold_ci=[lo, hi], length_gold_corr=pearson(n_words[nm], gold[nm]))
             d["rm_gold_corr"] = pearson(rm_scores[nm], gold[nm]) if rm_scores else None
+            # What the gold score is made of: key-fact coverage, and how many summaries state a fact or
+            # number the post lacks (an RM that cannot check facts against the post pays for those).
+            parts = gold_parts[nm]
+            d["gold_coverage_mean"] = float(np.mean([g.coverage for g in parts]))
+            d["gold_hallucination_rate"] = float(np.mean([g.hallucinated > 0 for g in parts]))
         else:
-            d.update(gold_mean=None, gold_ci=None, length_gold_corr=None, rm_gold_corr=None)
+            d.update(gold_mean=None, gold_ci=None, length_gold_corr=None, rm_gold_corr=None,
+                     gold_coverage_mean=None, gold_hallucination_rate=None)
         return d
 
     results_policies: dict[str, dict] = {}
@@ -463,7 +472,8 @@ def main(cfg: RunConfig, policies: Optional[dict[str, str]] = None, include_defa
 
     metrics: dict[str, Any] = {"eval/n_prompts": n}
     for nm, d in results_policies.items():
-        for key in ("rougeL", "rm_score_mean", "gold_mean", "entropy", "no_eos_rate"):
+        for key in ("rougeL", "rm_score_mean", "gold_mean", "gold_coverage_mean", "gold_hallucination_rate",
+                    "entropy", "no_eos_rate"):
             metrics[f"eval/{nm}/{key}"] = d[key]
         metrics[f"eval/{nm}/length_tokens_mean"] = d["length_tokens"]["mean"]
         metrics.update({f"eval/{nm}/{k}": v for k, v in signals[nm].items()})

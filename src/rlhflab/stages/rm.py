@@ -200,7 +200,9 @@ def evaluate_rm(rm: RewardModel, pairs: Sequence, cfg: RunConfig, batch_size: in
     the coefficients of the regression r_a - r_b ~ gold_coef*(G(a)-G(b)) + length_coef*(len(a)-len(b))
     beside the labelers' own (1/tau, beta_len), and among near-equal-gold pairs
     (|G(a)-G(b)| < tldr_synth.NEAR_TIE_EPS, lengths differing) the fraction where the RM prefers the longer
-    (``eval/prefers_longer_near_tie``) beside the labels' fraction (``data/labels_prefer_longer_near_tie``).
+    (``eval/prefers_longer_near_tie``) beside the labels' fraction (``data/labels_prefer_longer_near_tie``),
+    and the RM's preference for faithful summaries over ones with an invented fact
+    (:func:`faithfulness_metrics`, ``eval/faithful/...``).
 
     Every ``eval/`` metric above is of the reward ``r`` that PPO reads. ``length_w`` (the learned length
     term of ``rm.length_covariate``) adds ``eval/length_term/...``: accuracy, loss and (tldr-synth)
@@ -236,16 +238,20 @@ def evaluate_rm(rm: RewardModel, pairs: Sequence, cfg: RunConfig, batch_size: in
     if cfg.data.task != "tldr-synth":
         return m, rows
 
-    from rlhflab.data.tldr_synth import NEAR_TIE_EPS, gold_scores, labeler_prob
+    from rlhflab.data.tldr_synth import NEAR_TIE_EPS, labeler_prob
+    from rlhflab.judges.gold import score_many
 
     posts = [p.post for p in pairs]
-    g_c = torch.tensor(gold_scores(posts, [c.strip() for c in chosen]), dtype=torch.float64)
-    g_r = torch.tensor(gold_scores(posts, [r.strip() for r in rejected]), dtype=torch.float64)
+    s_c = score_many(posts, [c.strip() for c in chosen])
+    s_r = score_many(posts, [r.strip() for r in rejected])
+    g_c = torch.tensor([s.total for s in s_c], dtype=torch.float64)
+    g_r = torch.tensor([s.total for s in s_r], dtype=torch.float64)
     gold_diff = g_c - g_r
     untied = gold_diff.abs() > 1e-9
     if untied.any():
         m["eval/gold_agreement"] = (torch.sign(margin[untied]) == torch.sign(gold_diff[untied])).double().mean().item()
         m["data/label_gold_agreement"] = (gold_diff[untied] > 0).double().mean().item()
+    m.update(faithfulness_metrics(margin, s_c, s_r))
     bayes = synth_stats(cfg).get("bayes_accuracy")
     if bayes is not None:
         m["data/bayes_accuracy"] = float(bayes)
@@ -286,6 +292,41 @@ def evaluate_rm(rm: RewardModel, pairs: Sequence, cfg: RunConfig, batch_size: in
     for row, a, b in zip(rows, g_c.tolist(), g_r.tolist()):
         row["gold_chosen"], row["gold_rejected"] = a, b
     return m, rows
+
+
+def faithfulness_metrics(margin: torch.Tensor, gold_chosen: Sequence, gold_rejected: Sequence) -> dict:
+    """The RM's blind spot for invented facts (tldr-synth): among validation pairs where exactly one
+    summary states something the post does not (``GoldScore.hallucinated`` > 0: a wrong person,
+    ask, detail or number), how often the RM, the sampled labels and the gold judge prefer the
+    faithful one. ``.../ask/...`` is the same on pairs where exactly one summary asks a question the
+    post does not (an invented ``ask:`` fact), the cheapest invention for PPO: appending "Should I
+    quit?" lengthens a summary and adds an ask-shaped sentence whether or not the post asked it.
+
+    Keys (``None`` when no such pair exists): ``eval/faithful/{pairs, rm_prefers_faithful,
+    labels_prefer_faithful, gold_prefers_faithful}`` and ``eval/faithful/ask/...``. Gold ties count
+    half. An RM whose ``rm_prefers_faithful`` is far below the labels' rate has learned "more
+    content scores higher" without checking it against the post, and PPO can buy RM score with
+    invented asks (a measured case: RESULTS.md, issue 11).
+    """
+    m: dict = {}
+    margin = margin.tolist()
+    kinds = (("eval/faithful/", lambda s: s.hallucinated > 0),
+             ("eval/faithful/ask/", lambda s: any(f.startswith("ask:") for f in s.hallucinated_facts)))
+    for pre, invents in kinds:
+        n = rm_f = lab_f = gold_f = 0.0
+        for mg, c, r in zip(margin, gold_chosen, gold_rejected):
+            ic, ir = invents(c), invents(r)
+            if ic == ir:
+                continue
+            faithful_is_chosen = ir  # the rejected one invents, so the chosen one is faithful
+            n += 1
+            lab_f += faithful_is_chosen
+            rm_f += (mg > 0) == faithful_is_chosen
+            gold_f += 0.5 if c.total == r.total else float((c.total > r.total) == faithful_is_chosen)
+        m[f"{pre}pairs"] = int(n)
+        for key, v in (("rm_prefers_faithful", rm_f), ("labels_prefer_faithful", lab_f), ("gold_prefers_faithful", gold_f)):
+            m[f"{pre}{key}"] = v / n if n else None
+    return m
 
 
 def reference_bias(rm: RewardModel, cfg: RunConfig, tokenizer, n: int = 256, batch_size: int = 64) -> float:
