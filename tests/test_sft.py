@@ -170,3 +170,15 @@ def test_ensure_data_generates_once_and_refuses_other_settings(tmp_path):
     with pytest.raises(StageError, match="n_sft_train"):
         common.ensure_data(other, progress=False)
     assert common.policy_tokenizer(cfg).pad_token_id is not None
+    # A folder stamped before a SynthConfig key existed (pair_writers) was made at that key's default:
+    # it is reused, and refused only when the setting asks for something else.
+    marker = root / common.SYNTH_MARKER
+    stamped = json.loads(marker.read_text())
+    del stamped["pair_writers"]
+    marker.write_text(json.dumps(stamped))
+    assert common.ensure_data(cfg, progress=False) == root
+    mixed = load_config("smoke", [f"out_dir={tmp_path}", "data.synth.n_sft_train=8", "data.synth.n_sft_validation=2",
+                                  "data.synth.n_sft_test=2", "data.synth.n_pref_train=4", "data.synth.n_pref_validation=2",
+                                  "data.synth.pair_writers={halluc: 0.3}"])
+    with pytest.raises(StageError, match="pair_writers"):
+        common.ensure_data(mixed, progress=False)

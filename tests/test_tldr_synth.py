@@ -162,6 +162,35 @@ def test_larger_validation_split_keeps_train_data_tokenizer_and_first_pairs(smal
     assert _digest(other)["tokenizer/tokenizer.json"] != d1["tokenizer/tokenizer.json"]
 
 
+def test_pair_writer_mix_is_configurable_and_validated(small, tmp_path):
+    """data.synth.pair_writers reweights the writers of the preference pairs (more invented facts,
+    say); the SFT data is untouched, an empty mix is the built-in one, and bad mixes are refused."""
+    from pydantic import ValidationError
+
+    root, _ = small
+    assert SynthConfig(seed=11, **SMALL, pair_writers={}) == SynthConfig(seed=11, **SMALL)
+    big = {**SMALL, "n_pref_train": 400}
+    base, more = tmp_path / "base", tmp_path / "more"
+    T.synthesize(base, SynthConfig(seed=11, **big), progress=False)
+    T.synthesize(more, SynthConfig(seed=11, **big, pair_writers={"halluc": 0.5, "vague": 0}), progress=False)
+    d1, d2 = _digest(base), _digest(more)
+    for f in ("sft/train.jsonl", "sft/validation.jsonl", "sft/test.jsonl"):
+        assert d1[f] == d2[f], f
+
+    def count(r: Path, policy: str) -> int:
+        return sum(s["policy"] == policy for row in _jsonl(r / "preference" / "train.jsonl") for s in row["summaries"])
+
+    # 800 summaries: the built-in 8% gives ~64, weight 0.5 of a total 1.40 gives ~286 (binomial sd ~14)
+    assert count(base, "halluc") < 110 and count(more, "halluc") > 200
+    assert count(base, "vague") > 0 and count(more, "vague") == 0
+    with pytest.raises(ValidationError, match="did you mean 'halluc'"):
+        SynthConfig(pair_writers={"hallucinated": 0.3})
+    with pytest.raises(ValidationError, match=">= 0"):
+        SynthConfig(pair_writers={"ref": -1.0})
+    with pytest.raises(ValidationError, match="weight 0"):
+        SynthConfig(pair_writers={k: 0.0 for k in T.PAIR_POLICIES})
+
+
 def test_sft_schema(small):
     root, _ = small
     ids = set()

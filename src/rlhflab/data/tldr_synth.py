@@ -499,7 +499,8 @@ def synthesize(out_dir: str | Path, cfg: SynthConfig, progress: bool = True) -> 
         sft[split] = rows
         _write_jsonl(out / "sft" / f"{split}.jsonl", (p.sft_row(s) for p, s in rows))
 
-    names, weights = list(PAIR_POLICIES), list(PAIR_POLICIES.values())
+    mix = {**PAIR_POLICIES, **cfg.pair_writers}
+    names, weights = list(mix), list(mix.values())
     pref: dict[str, list[dict]] = {}
     pair_meta: dict[str, list[tuple[float, float, int, int, float, int]]] = {}
     policy_gold: dict[str, list[float]] = {n: [] for n in names}

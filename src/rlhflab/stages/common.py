@@ -75,7 +75,8 @@ def ensure_data(cfg: RunConfig, progress: bool = True) -> Optional[Path]:
         raise StageError(f"tldr-synth data missing at {root} (needs sft/, preference/, tokenizer/)")
     marker = root / SYNTH_MARKER
     if marker.exists():
-        have = json.loads(marker.read_text())
+        # A key added to SynthConfig after the folder was made was at its default then (pair_writers).
+        have = {**type(cfg.data.synth)().model_dump(mode="json"), **json.loads(marker.read_text())}
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if diff:
             raise StageError(f"{root} was generated with other data.synth settings ({', '.join(f'{k}: {have.get(k)!r} vs {want.get(k)!r}' for k in diff)}); "
