@@ -7,9 +7,11 @@ cannot be judged from one draw. The generator draws each split from its own stre
 (``tldr-synth:<seed>:preference:<split>``), so a data folder made with a larger
 ``data.synth.n_pref_validation`` has the same train pairs and starts with the same validation
 pairs; this script scores the saved ``rm/reward`` of each run on that folder's validation split
-with the stage's own ``evaluate_rm``, without retraining anything. The tokenizer is trained on every
-split, so the queries are cut with the run's own tokenizer (its config's ``data.dir``); only the
-pairs come from DATA_DIR.
+with the stage's own ``evaluate_rm``, without retraining anything. The queries are cut with the run's
+own tokenizer (its config's ``data.dir``); only the pairs come from DATA_DIR. (Before ``8aeb7d2`` the
+tokenizer was trained on every split, so a larger validation split changed it; it is now trained on the
+train splits only. The run's own tokenizer also lets an RM trained on other pairs, e.g. another
+``data.synth.pair_writers`` mix, be scored on the default validation pairs.)
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rm_reeval.py DATA_DIR RUN_DIR [RUN_DIR ...]
 
