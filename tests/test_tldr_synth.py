@@ -183,6 +183,11 @@ def test_pair_writer_mix_is_configurable_and_validated(small, tmp_path):
     # 800 summaries: the built-in 8% gives ~64, weight 0.5 of a total 1.40 gives ~286 (binomial sd ~14)
     assert count(base, "halluc") < 110 and count(more, "halluc") > 200
     assert count(base, "vague") > 0 and count(more, "vague") == 0
+    # The validation comparisons keep the built-in mix whatever the train mix: same writers, same rates.
+    def val_policies(r: Path) -> list[str]:
+        return [s["policy"] for row in _jsonl(r / "preference" / "validation.jsonl") for s in row["summaries"]]
+
+    assert val_policies(base) == val_policies(more)
     with pytest.raises(ValidationError, match="did you mean 'halluc'"):
         SynthConfig(pair_writers={"hallucinated": 0.3})
     with pytest.raises(ValidationError, match=">= 0"):

@@ -53,7 +53,7 @@ class SynthConfig(_Section):
     labeler_tau: float = F(0.15, "Noise temperature tau of simulated labelers: P(a>b)=sigmoid((G(a)-G(b))/tau + beta_len*(len(a)-len(b))).", gt=0)
     labeler_len_beta: float = F(0.03, "Length bias beta_len of the labelers, per word of length difference (> 0 favours longer).")
     vocab_size: int = F(2048, "Vocabulary size of the byte-level BPE tokenizer trained on the corpus (>= 258: 256 bytes + pad + eos).", ge=258)
-    pair_writers: dict[str, float] = F({}, "Weights of the writers that make the preference pairs' summaries, overriding the built-in mix (tldr_synth.PAIR_POLICIES: ref 0.48, oracle 0.12, title 0.1, verbose 0.1, short 0.1, halluc 0.08, vague 0.02) per writer; unnamed writers keep theirs, 0 removes one. E.g. {halluc: 0.3}: more pairs with an invented fact. Empty: the built-in mix, byte-identical data.")
+    pair_writers: dict[str, float] = F({}, "Weights of the writers that make the preference pairs' summaries, overriding the built-in mix (tldr_synth.PAIR_POLICIES: ref 0.48, oracle 0.12, title 0.1, verbose 0.1, short 0.1, halluc 0.08, vague 0.02) per writer, in the *train* comparisons (the validation ones keep the built-in mix, so RM accuracy stays comparable); unnamed writers keep theirs, 0 removes one. E.g. {halluc: 0.3}: more pairs with an invented fact. Empty: the built-in mix, byte-identical data.")
 
     @field_validator("pair_writers")
     @classmethod

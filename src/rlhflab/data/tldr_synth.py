@@ -499,12 +499,15 @@ def synthesize(out_dir: str | Path, cfg: SynthConfig, progress: bool = True) -> 
         sft[split] = rows
         _write_jsonl(out / "sft" / f"{split}.jsonl", (p.sft_row(s) for p, s in rows))
 
-    mix = {**PAIR_POLICIES, **cfg.pair_writers}
-    names, weights = list(mix), list(mix.values())
+    # pair_writers reweights the *train* comparisons only (targeted collection, e.g. more pairs with
+    # an invented fact); the validation comparisons keep the built-in mix, so the RM's accuracy
+    # measures the same thing whatever mix it was trained on and stays comparable across recipes.
+    mixes = {"train": {**PAIR_POLICIES, **cfg.pair_writers}, "validation": dict(PAIR_POLICIES)}
     pref: dict[str, list[dict]] = {}
     pair_meta: dict[str, list[tuple[float, float, int, int, float, int]]] = {}
-    policy_gold: dict[str, list[float]] = {n: [] for n in names}
+    policy_gold: dict[str, list[float]] = {n: [] for n in PAIR_POLICIES}
     for split in PREF_SPLITS:
+        names, weights = list(mixes[split]), list(mixes[split].values())
         rng = random.Random(f"tldr-synth:{cfg.seed}:preference:{split}")
         rows, meta = [], []
         p: Optional[SynthPost] = None
