@@ -40,6 +40,7 @@ def write_rm(run: Path):
                                         "data/labels_prefer_longer_near_tie": 0.64,
                                         "eval/faithful/pairs": 27, "eval/faithful/rm_prefers_faithful": 0.2125,
                                         "eval/faithful/labels_prefer_faithful": 0.5725,
+                                        "eval/on_policy/gold_agreement": 0.6625, "eval/on_policy/pairs": 1800,
                                         "eval/accuracy_lendiff_0-2": 0.6, "eval/accuracy_lendiff_0-2_n": 10,
                                         "eval/accuracy_lendiff_3-5": 0.7, "eval/accuracy_lendiff_3-5_n": 12,
                                         "eval/accuracy_lendiff_>10": None, "eval/accuracy_lendiff_>10_n": 0})
@@ -131,6 +132,18 @@ def test_full_report_has_every_section_and_numbers(full_run):
     assert "On the 27 validation pairs where one summary states a fact or number the post does not" in text
     assert "the faithful one 21.2% of the time (labels: 57.2%)" in text and "It does not check content" in text
     assert "invented fact or number (gold judge) 43.8% vs 12.5% for SFT" in text
+    # the on-policy check: 0.6625 < 0.70 warns
+    assert "On 1800 pairs of the SFT policy's own samples (what PPO starts from) the RM orders 66.2% as the gold judge" in text
+    assert "Below 70.0%" in text
+
+
+def test_rm_on_policy_reading_warns_below_the_measured_edge():
+    from rlhflab.report.html import rm_on_policy_reading
+
+    assert rm_on_policy_reading({}) is None
+    assert rm_on_policy_reading({"eval/on_policy/gold_agreement": 0.69, "eval/on_policy/pairs": 10})[0] == "warn"
+    cls, text = rm_on_policy_reading({"eval/on_policy/gold_agreement": 0.74, "eval/on_policy/pairs": 10})
+    assert cls == "ok" and "74.0%" in text and "Below" not in text
 
 
 def test_report_images_are_embedded_pngs_and_nothing_external(full_run):

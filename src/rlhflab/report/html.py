@@ -554,7 +554,15 @@ RM_KEYS = [
     ("eval/faithful/labels_prefer_faithful", "the same pairs: labels prefer the faithful one"),
     ("eval/faithful/ask/rm_prefers_faithful", "pairs where one summary invents the ask: RM prefers the faithful one"),
     ("eval/faithful/ask/labels_prefer_faithful", "the same pairs: labels prefer the faithful one"),
+    ("eval/on_policy/gold_agreement", "the SFT policy's own samples: pairs the RM orders as the gold judge does"),
+    ("eval/on_policy/within_post_corr", "the same samples: RM-gold correlation within posts"),
+    ("eval/on_policy/best_of_n_gold_gain", "the same samples: gold gained by best-of-n on the RM (n = samples per post)"),
 ]
+
+# The on-policy agreement under which PPO's gain was weak on tldr-synth: seven measured runs
+# (benchmarks/RESULTS.md, issue 11) with agreement 0.635 / 0.661 / 0.691 won 0.53 / 0.72 / 0.69
+# against SFT, those at 0.718-0.759 won 0.77-0.89.
+ON_POLICY_WEAK = 0.70
 
 
 def rm_faithful_reading(final: dict) -> Optional[tuple[str, str]]:
@@ -569,6 +577,19 @@ def rm_faithful_reading(final: dict) -> Optional[tuple[str, str]]:
     return ("warn" if blind else "ok"), s + (
         " It does not check content against the post: PPO can raise its score by inventing facts (an ask, a number); "
         "the evaluation's invented-facts column shows whether it did." if blind else "")
+
+
+def rm_on_policy_reading(final: dict) -> Optional[tuple[str, str]]:
+    """(css class, sentence): does the RM rank the SFT policy's own samples as the gold judge does?"""
+    agree = _num(final.get("eval/on_policy/gold_agreement"))
+    if agree is None:
+        return None
+    s = (f"On {esc(final.get('eval/on_policy/pairs'))} pairs of the SFT policy's own samples (what PPO starts from) the RM "
+         f"orders {pct(agree)} as the gold judge does.")
+    weak = agree < ON_POLICY_WEAK
+    return ("warn" if weak else "ok"), s + (
+        f" Below {pct(ON_POLICY_WEAK)}: on tldr-synth such RMs gave PPO a weak gold gain (win rates 0.53-0.72 against SFT, "
+        "against 0.77-0.89 above it; benchmarks/RESULTS.md)." if weak else "")
 
 
 def rm_length_reading(final: dict) -> Optional[tuple[str, str]]:
@@ -608,7 +629,7 @@ def section_rm(run: Path) -> str:
         key_rows = [(esc(label), f"<code>{esc(k)}</code>", fmt(final[k])) for k, label in RM_KEYS if _num(final.get(k)) is not None]
         if key_rows:
             out.append("<h3>Accuracy and length bias</h3>" + table(["quantity", "key", "value"], key_rows, num_cols=[2]))
-        for reading in (rm_length_reading(final), rm_faithful_reading(final)):
+        for reading in (rm_length_reading(final), rm_faithful_reading(final), rm_on_policy_reading(final)):
             if reading:
                 out.append(f"<div class='verdict {reading[0]}'>{reading[1]}</div>")
         out.append(_bucket_plot(final))

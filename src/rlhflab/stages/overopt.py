@@ -81,6 +81,7 @@ def sample_and_score(policy, ref_policy, reward, tok, prompts: Sequence[Any], sa
     same noise for every policy. ``ref_policy`` None: no KL is measured.
     """
     from rlhflab.algos import apply_missing_eos, logprobs_from_logits, truncate_response
+    from rlhflab.data.collate import pad_left
     from rlhflab.data.tldr_synth import gold_scores
     from rlhflab.stages.ppo import response_logits, sample_responses, sample_seed
 
@@ -92,13 +93,7 @@ def sample_and_score(policy, ref_policy, reward, tok, prompts: Sequence[Any], sa
     t0, c0 = time.perf_counter(), time.process_time()
     for b in range(0, len(rows), cfg.overopt.batch_size):
         chunk = rows[b: b + cfg.overopt.batch_size]
-        width = max(len(prompts[i].query_ids) for i, _ in chunk)
-        query_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-        query_mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for row, (i, _) in enumerate(chunk):
-            q = prompts[i].query_ids
-            query_ids[row, width - len(q):] = torch.as_tensor(q)
-            query_mask[row, width - len(q):] = True
+        query_ids, query_mask = pad_left([prompts[i].query_ids for i, _ in chunk], tok.pad_token_id)
         query_ids, query_mask = query_ids.to(device), query_mask.to(device)
         seeds = [sample_seed(seed, i * samples + s) for i, s in chunk]
         raw, logprobs = sample_responses(policy, query_ids, query_mask, R, p.temperature, seeds, eos, tok.pad_token_id)
@@ -139,6 +134,41 @@ def _cached(path: Path, key: dict, compute) -> Scored:
     np.savez(path, **arrays)
     meta.write_text(json.dumps(key))
     return out
+
+
+ON_POLICY_SEED = 12345  # the same sampling noise for every run, so runs differ only in their SFT and RM
+
+
+def on_policy_check(cfg: RunConfig, sft_dir: Path, rm_dir: Path, n_prompts: int, samples: int,
+                    seed: int = ON_POLICY_SEED, progress_bar: bool = True) -> dict:
+    """The RM against the gold judge on the SFT policy's own samples (tldr-synth only).
+
+    ``samples`` samples of each of the first ``n_prompts`` SFT validation posts (as ``rlhflab
+    eval`` and ``overopt`` pick them) from the SFT policy at ``ppo.temperature`` with PPO's sampler
+    (:func:`sample_and_score`), scored by the RM as PPO reads it and by the gold judge; returns
+    :func:`rlhflab.evaluation.on_policy.summarize` (``eval/on_policy/...``) plus its wall time.
+    """
+    from rlhflab.data.tldr import load_split, tokenize_sft
+    from rlhflab.evaluation.on_policy import summarize
+    from rlhflab.models.policy import load_policy, load_tokenizer
+    from rlhflab.models.reward import RewardModel
+    from rlhflab.stages.common import sft_source
+
+    t0 = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(sft_dir, padding_side="left")
+    rows, label = load_split(sft_source(cfg), "validation", "sft", skip_bad_rows=True)
+    examples, _ = tokenize_sft(rows, tok, cfg.data.max_query_length, cfg.data.response_length, label, skip_bad_rows=True)
+    prompts = examples[:n_prompts]
+    if not prompts:
+        raise StageError(f"the on-policy check found no usable post in {label}")
+    policy = load_policy(sft_dir).to(device).eval()
+    reward = RewardModel.from_pretrained(rm_dir, device=device)
+    bar = progress(len(prompts) * samples, "rm: on-policy check", unit="sample", enabled=progress_bar)
+    scored = sample_and_score(policy, None, reward, tok, prompts, samples, cfg, seed, bar)
+    bar.close()
+    return {**summarize(scored.proxy, scored.gold), "eval/on_policy/posts": len(prompts),
+            "eval/on_policy/wall_s": round(time.perf_counter() - t0, 2)}
 
 
 def find_snapshots(run_dir: Path, stride: int) -> list[tuple[int, Path]]:

@@ -22,12 +22,15 @@
    agreement with the gold judge, accuracy normalised by the Bayes accuracy, and the learned
    length bias;
 8. outputs: ``rm/reward/`` (``AutoModelForSequenceClassification`` + tokenizer + bias),
-   ``metrics.jsonl``, ``metrics.json``, ``eval_pairs.jsonl``, TensorBoard under ``tb/rm``.
+   ``metrics.jsonl``, ``metrics.json``, ``eval_pairs.jsonl``, TensorBoard under ``tb/rm``;
+9. on tldr-synth, the on-policy check (``rm.on_policy_prompts``): the saved RM against the gold
+   judge on the SFT policy's own samples (``eval/on_policy/...``, :func:`on_policy_metrics`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -67,6 +70,8 @@ from rlhflab.stages.common import (
     synth_stats,
     training_config,
 )
+
+log = logging.getLogger(__name__)
 
 LENGTH_BUCKETS = ((0, 2), (3, 5), (6, 10), (11, None))  # |words(chosen) - words(rejected)|
 
@@ -329,6 +334,22 @@ def faithfulness_metrics(margin: torch.Tensor, gold_chosen: Sequence, gold_rejec
     return m
 
 
+def on_policy_metrics(cfg: RunConfig, rm_dir: Path) -> dict:
+    """Step 9: ``eval/on_policy/...`` of :func:`rlhflab.stages.overopt.on_policy_check` for the saved
+    RM, or {} when off (``rm.on_policy_prompts: 0``), not tldr-synth (no gold judge), or with no
+    SFT policy in the run (another ``model.reward_backbone`` without ``rlhflab sft``: logged)."""
+    r = cfg.rm
+    if cfg.data.task != "tldr-synth" or r.on_policy_prompts == 0:
+        return {}
+    sft_dir = Path(cfg.run_dir) / "sft" / "policy"
+    if not (sft_dir / "config.json").is_file():
+        log.warning("rm: on-policy check skipped: no SFT policy at %s (run `rlhflab sft` first)", sft_dir)
+        return {}
+    from rlhflab.stages.overopt import on_policy_check
+
+    return on_policy_check(cfg, sft_dir, rm_dir, r.on_policy_prompts, r.on_policy_samples)
+
+
 def reference_bias(rm: RewardModel, cfg: RunConfig, tokenizer, n: int = 256, batch_size: int = 64) -> float:
     """Mean raw score of (query, " {reference summary}") over the first ``n`` SFT train posts
     (data.task=standard: SFT completions, else chosen responses, ``data.formats.reference_texts``)."""
@@ -531,6 +552,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
             "reward_dir": str(stage_dir / "reward"), "lora": lora_active(cfg.model.lora, "rm"), **outputs,
             "model/trainable_parameters": n_trainable,
         }
+        result.update(on_policy_metrics(cfg, stage_dir / "reward"))
         write_json(stage_dir / "metrics.json", result)  # last: its presence marks the stage finished
     accelerator.wait_for_everyone()
     if not is_main:
