@@ -4,7 +4,7 @@ A reward model is validated on the comparisons it was trained from, but PPO only
 to rank samples of the policy, starting with the SFT policy's. On tldr-synth, the RM's accuracy
 on its validation comparisons did not predict whether PPO's gold rose (the seed with the best
 normalised accuracy, 0.866, won only 0.691 against SFT), while its agreement with the gold judge
-on pairs of the SFT policy's samples ranked seven PPO outcomes almost in order (Spearman ~0.89;
+on pairs of the SFT policy's samples ranked seven PPO outcomes closely (Spearman 0.86;
 benchmarks/RESULTS.md, issue 11). These functions score that agreement on ``[P, S]`` arrays:
 ``S`` samples of each of ``P`` posts, with the RM's score (``proxy``) and the gold score.
 """
