@@ -208,6 +208,7 @@ class RMConfig(_Section):
     save_every: int = F(100, "Write a resumable state every N steps (0: only at the end).", ge=0)
     length_covariate: bool = F(False, "Length-debiased RM (not Huang's): fit P(chosen>rejected) = sigmoid(r_c - r_r + w*(words_c - words_r)) with one learned scalar w that absorbs the labelers' length preference; PPO, eval and serving read r alone (models/length_covariate.py). On in the tldr-synth default, off in the paper configs.")
     length_covariate_lr: Optional[float] = F(None, "Peak learning rate of the length term w (its own AdamW, same warmup and cosine shape); default rm.optim.lr.", gt=0)
+    sft_pairs: float = F(0.0, "tldr-synth: share of the train posts whose comparisons are replaced, before training, by pairs of the run's own SFT samples (PPO's sampler and temperature) labelled by the generator's simulated labelers -- as in the real comparisons, which were mostly between policy samples (data/sft_pairs.py). Needs sft/policy. 0: the generator's writer pairs only.", ge=0, le=1)
     on_policy_prompts: int = F(400, "tldr-synth: after training, rank on_policy_samples samples of the SFT policy for each of this many SFT validation posts by RM and by the gold judge, and log how often they agree (eval/on_policy/gold_agreement; stages/overopt.py:on_policy_check). Unlike the validation accuracy, this predicted PPO's gold gain over seeds (RESULTS.md, issue 11). 0: off.", ge=0)
     on_policy_samples: int = F(4, "Samples per post of the on-policy check.", ge=2)
     max_length: Optional[int] = F(None, "Token budget of query+response for the RM's own tokenizer; default data.max_query_length + the preference response budget (SFD's RM reads the whole query+response: 512+169 -> 638 after its own trimming), capped at the backbone's max positions. A longer row loses the middle of its query, never its head (SUBREDDIT/TITLE) or its last 8 tokens ('TL;DR:').", ge=16)
@@ -343,6 +344,9 @@ class RunConfig(_Section):
             raise ValueError("ppo.kl_monitor thresholds must increase: barely_changed <= healthy_low <= healthy_high <= drifting <= catastrophic")
         if self.overopt.compare_n > self.overopt.pool_size:
             raise ValueError(f"overopt.compare_n={self.overopt.compare_n} is larger than overopt.pool_size={self.overopt.pool_size}")
+        if self.rm.sft_pairs and self.data.task != "tldr-synth":
+            raise ValueError(f"rm.sft_pairs={self.rm.sft_pairs} relabels comparisons with tldr-synth's simulated labelers; "
+                             f"data.task={self.data.task} has none (set rm.sft_pairs=0)")
         return self
 
     @property

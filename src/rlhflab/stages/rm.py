@@ -7,6 +7,8 @@
 2. data: preference train/validation pairs as *texts* -- the Huang-truncated query string
    (truncated with the policy tokenizer, the query PPO will show the policy) and
    ``" {summary}"`` -- so the RM reads them through its own tokenizer and any backbone works;
+   with ``rm.sft_pairs`` (tldr-synth) a share of the train posts is relabelled on pairs of the
+   SFT policy's own samples (:func:`sft_pair_comparisons`);
 3. backbone (``model.reward_backbone``): ``sft`` = the SFT policy (Huang's recipe), ``minilm``
    = the pretrained MiniLM-L6 encoder (another tokenizer), or any HF path; a fresh scalar
    head ~ N(0, 1/sqrt(d+1)) with bias 0, dropout off (Huang details, via ``build_reward_backbone``);
@@ -334,6 +336,56 @@ def faithfulness_metrics(margin: torch.Tensor, gold_chosen: Sequence, gold_rejec
     return m
 
 
+def sft_pair_comparisons(cfg: RunConfig, stage_dir: Path, train: list, policy_tok, is_main: bool) -> tuple[list, dict]:
+    """Step 2b (``rm.sft_pairs`` > 0, tldr-synth): the train comparisons with a share of the posts
+    relabelled on pairs of the SFT policy's own samples (:mod:`rlhflab.data.sft_pairs`).
+
+    The main process samples and writes ``rm/sft_pairs.jsonl`` with its settings and counts in
+    ``rm/sft_pairs.json``; a rerun or a resume with the same settings reads them back instead of
+    sampling again. Other processes call this after a barrier and only read.
+    """
+    from rlhflab.data.sft_pairs import relabel
+    from rlhflab.data.tldr import load_preferences
+    from rlhflab.models.policy import load_policy
+    from rlhflab.stages.common import preference_source
+
+    r = cfg.rm
+    path, meta = stage_dir / "sft_pairs.jsonl", stage_dir / "sft_pairs.json"
+    sft_dir = Path(cfg.run_dir) / "sft" / "policy"
+    key = {"fraction": r.sft_pairs, "seed": r.seed, "temperature": cfg.ppo.temperature,
+           "response_length": cfg.response_length, "stop_token": cfg.ppo.stop_token, "policy": str(sft_dir),
+           "labeler_tau": cfg.data.synth.labeler_tau, "labeler_len_beta": cfg.data.synth.labeler_len_beta}
+    have = json.loads(meta.read_text()) if meta.is_file() and path.is_file() else {}
+    if have.get("key") != key:
+        if not is_main:
+            raise StageError(f"rm: {path} is missing after the main process wrote it")
+        if not (sft_dir / "config.json").is_file():
+            raise StageError(f"rm.sft_pairs={r.sft_pairs} samples the SFT policy, but there is none at {sft_dir} "
+                             "(run `rlhflab sft` with the same config first)")
+        rows, label = load_split(preference_source(cfg), "train", "preference", skip_bad_rows=cfg.data.skip_bad_rows)
+        if len(rows) != len(train):
+            raise StageError(f"rm.sft_pairs: {label} has {len(rows)} rows but {len(train)} were usable; relabelling "
+                             "needs every train row to load (fix the bad rows or set rm.sft_pairs=0)")
+        t0 = time.time()
+        policy = load_policy(sft_dir).to(make_accelerator().device).eval()
+        bar = progress(0, "rm: SFT-sample pairs", unit="sample")  # relabel sets the total
+        new, counts = relabel(rows, train, policy, policy_tok, r.sft_pairs, r.seed, cfg.response_length,
+                              cfg.ppo.temperature, cfg.ppo.stop_token == "eos", cfg.data.synth.labeler_tau,
+                              cfg.data.synth.labeler_len_beta, bar=bar)
+        bar.close()
+        del policy
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            for row in new:
+                f.write(json.dumps(row) + "\n")
+        tmp.replace(path)
+        write_json(meta, {"key": key, "counts": {**counts, "wall_s": round(time.time() - t0, 1)}})
+        have = json.loads(meta.read_text())
+    examples, _ = load_preferences(str(path), "train", policy_tok, cfg.data.max_query_length, cfg.data.response_length,
+                                   False, cfg.pref_response_length)
+    return examples, have["counts"]
+
+
 def on_policy_metrics(cfg: RunConfig, rm_dir: Path) -> dict:
     """Step 9: ``eval/on_policy/...`` of :func:`rlhflab.stages.overopt.on_policy_check` for the saved
     RM, or {} when off (``rm.on_policy_prompts: 0``), not tldr-synth (no gold judge), or with no
@@ -397,6 +449,13 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
     policy_tok = policy_tokenizer(cfg)
     train, train_skips = load_preference_data(cfg, "train", policy_tok)  # data.task dispatch: TL;DR or TRL formats
     val, val_skips = load_preference_data(cfg, "validation", policy_tok)
+    sft_pairs_info: dict = {}
+    if r.sft_pairs:  # tldr-synth: part of the train comparisons between the SFT policy's own samples
+        if is_main:
+            train, sft_pairs_info = sft_pair_comparisons(cfg, stage_dir, train, policy_tok, is_main)
+        accelerator.wait_for_everyone()
+        if not is_main:
+            train, sft_pairs_info = sft_pair_comparisons(cfg, stage_dir, train, policy_tok, is_main)
     total_steps = num_steps(len(train), r.batch_size, r.epochs)
     if total_steps < 1:
         raise StageError(f"rm: {len(train)} usable train comparisons x rm.epochs={r.epochs} is less than one batch "
@@ -547,6 +606,7 @@ def main(cfg: RunConfig, resume: bool = False, force: bool = False, bias_samples
             # CNN/DM comparisons of the real validation split: left out of TL;DR RM data, counted (SFD).
             "data/cnndm_rows_skipped": train_skips.filtered[R_CNNDM] + val_skips.filtered[R_CNNDM],
             "data/max_pref_response_length": cfg.pref_response_length,
+            **{f"data/sft_pairs/{k}": v for k, v in sft_pairs_info.items()},
             "model/parameters": n_params, "num_processes": accelerator.num_processes,
             "batch/grad_accum": sizes.grad_accum, "time/wall_s": round(elapsed_before + time.time() - t_start, 2),
             "reward_dir": str(stage_dir / "reward"), "lora": lora_active(cfg.model.lora, "rm"), **outputs,
