@@ -559,9 +559,10 @@ RM_KEYS = [
     ("eval/on_policy/best_of_n_gold_gain", "the same samples: gold gained by best-of-n on the RM (n = samples per post)"),
 ]
 
-# The on-policy agreement under which PPO's gain was weak on tldr-synth: seven measured runs
-# (benchmarks/RESULTS.md, issue 11) with agreement 0.635 / 0.661 / 0.691 won 0.53 / 0.72 / 0.69
-# against SFT, those at 0.718-0.759 won 0.77-0.89.
+# The on-policy agreement under which PPO's gain was weak on tldr-synth: of seven RMs trained on the
+# writers' pairs (benchmarks/RESULTS.md, issue 11), those at 0.635 / 0.661 / 0.691 gave PPO wins of
+# 0.53 / 0.72 / 0.69 against SFT, those at 0.718-0.759 0.77-0.89. Not sufficient: an RM trained on
+# SFT-sample pairs (rm.sft_pairs) reached 0.753 and its PPO won 0.62.
 ON_POLICY_WEAK = 0.70
 
 
@@ -588,8 +589,10 @@ def rm_on_policy_reading(final: dict) -> Optional[tuple[str, str]]:
          f"orders {pct(agree)} as the gold judge does.")
     weak = agree < ON_POLICY_WEAK
     return ("warn" if weak else "ok"), s + (
-        f" Below {pct(ON_POLICY_WEAK)}: on tldr-synth such RMs gave PPO a weak gold gain (win rates 0.53-0.72 against SFT, "
-        "against 0.77-0.89 above it; benchmarks/RESULTS.md)." if weak else "")
+        f" Below {pct(ON_POLICY_WEAK)}: on tldr-synth, RMs trained on the writers' pairs that scored this low gave PPO a weak "
+        "gold gain (win rates 0.53-0.72 against SFT, against 0.77-0.89 above it; benchmarks/RESULTS.md)." if weak else
+        " A warning sign when low, not a guarantee when high: PPO leaves the SFT policy's distribution, and an RM trained on "
+        "SFT samples scored 0.75 here yet let PPO invent facts (benchmarks/RESULTS.md).")
 
 
 def rm_length_reading(final: dict) -> Optional[tuple[str, str]]:
