@@ -136,6 +136,18 @@ def _cached(path: Path, key: dict, compute) -> Scored:
     return out
 
 
+def sft_posts(cfg: RunConfig, tok, split: str, n: int, skip_bad_rows: bool) -> tuple[list, str]:
+    """(the first ``n`` usable posts of an SFT split in Huang's query format, the file label):
+    the posts ``rlhflab eval``, ``overopt`` and the on-policy check read."""
+    from rlhflab.data.tldr import load_split, tokenize_sft
+    from rlhflab.stages.common import sft_source
+
+    rows, label = load_split(sft_source(cfg), split, "sft", skip_bad_rows=skip_bad_rows)
+    examples, _ = tokenize_sft(rows, tok, cfg.data.max_query_length, cfg.data.response_length, label,
+                               skip_bad_rows=skip_bad_rows)
+    return examples[:n], label
+
+
 ON_POLICY_SEED = 12345  # the same sampling noise for every run, so runs differ only in their SFT and RM
 
 
@@ -148,18 +160,14 @@ def on_policy_check(cfg: RunConfig, sft_dir: Path, rm_dir: Path, n_prompts: int,
     (:func:`sample_and_score`), scored by the RM as PPO reads it and by the gold judge; returns
     :func:`rlhflab.evaluation.on_policy.summarize` (``eval/on_policy/...``) plus its wall time.
     """
-    from rlhflab.data.tldr import load_split, tokenize_sft
     from rlhflab.evaluation.on_policy import summarize
     from rlhflab.models.policy import load_policy, load_tokenizer
     from rlhflab.models.reward import RewardModel
-    from rlhflab.stages.common import sft_source
 
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(sft_dir, padding_side="left")
-    rows, label = load_split(sft_source(cfg), "validation", "sft", skip_bad_rows=True)
-    examples, _ = tokenize_sft(rows, tok, cfg.data.max_query_length, cfg.data.response_length, label, skip_bad_rows=True)
-    prompts = examples[:n_prompts]
+    prompts, label = sft_posts(cfg, tok, "validation", n_prompts, skip_bad_rows=True)
     if not prompts:
         raise StageError(f"the on-policy check found no usable post in {label}")
     policy = load_policy(sft_dir).to(device).eval()
@@ -243,10 +251,8 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
     ``resume`` is accepted for symmetry and ignored: cached pieces are always reused.
     """
     from rlhflab.data.errors import DataError
-    from rlhflab.data.tldr import load_split, tokenize_sft
     from rlhflab.models.policy import load_policy, load_tokenizer
     from rlhflab.models.reward import RewardModel
-    from rlhflab.stages.common import sft_source
 
     o, run_dir = cfg.overopt, Path(cfg.run_dir)
     out_dir, cache = run_dir / "overopt", run_dir / "overopt" / "cache"
@@ -261,14 +267,11 @@ def main(cfg: RunConfig, resume: bool = False) -> dict:
     # 1. posts ---------------------------------------------------------------------------
     tok = load_tokenizer(sft_dir, padding_side="left")
     try:
-        rows, label = load_split(sft_source(cfg), o.split, "sft", skip_bad_rows=cfg.data.skip_bad_rows)
-        examples, _ = tokenize_sft(rows, tok, cfg.data.max_query_length, cfg.data.response_length, label,
-                                   skip_bad_rows=cfg.data.skip_bad_rows)
+        prompts, label = sft_posts(cfg, tok, o.split, o.n_prompts, cfg.data.skip_bad_rows)
     except DataError as e:
         raise StageError(f"overopt data: {e}") from None
-    if len(examples) < o.n_prompts:
-        raise StageError(f"overopt.n_prompts={o.n_prompts} but {label} has {len(examples)} usable posts")
-    prompts = examples[: o.n_prompts]
+    if len(prompts) < o.n_prompts:
+        raise StageError(f"overopt.n_prompts={o.n_prompts} but {label} has {len(prompts)} usable posts")
     sft = load_policy(sft_dir).to(device).eval()
     reward = RewardModel.from_pretrained(rm_dir, device=device)
     base_key = {"n_prompts": o.n_prompts, "split": o.split, "seed": o.seed, "temperature": cfg.ppo.temperature,
